@@ -1,29 +1,13 @@
-"""Shared fixtures for the repository-level Python tests (scripts, Docker files, figures)."""
+"""Fixtures for the repository-level Python tests (scripts, Docker files, figures)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def repo() -> Path:
-    return REPO
-
-
-def venv_tool(name: str) -> str:
-    """A command-line tool installed by tests/python/requirements.txt, beside this interpreter or on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found: install tests/python/requirements.txt (scripts/setup-train does)")
-    return found
+from repo_tools import REPO
 
 
 @pytest.fixture(scope="session")
