@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, run on a lent GPU machine through the device tool (scripts/gpu_pack.sh prepares and
-# prints the calls): unpacks onnxruntime-gpu's libraries, finds CUDA 13 and cuDNN among the machine's
-# Python packages, then scripts/gpu_check.py runs `swav serve --device cuda` and `--device cpu` on the
+# The GPU check, run on a lent GPU machine through the device tool (scripts/gpu_pack.sh prepares it and
+# prints the calls). It joins the carried onnxruntime-gpu wheel, checks its pinned hash and unpacks it,
+# finds CUDA 13 and cuDNN among the machine's Python packages, then scripts/gpu_check.py runs `swav serve --device cuda` and `--device cpu` on the
 # default model, checks that the embeddings agree (cosine >= 0.999) and prints images/s at batch 1/32/256.
 # Results: $OUT/gpu_check.{log,json} (var/gpu-check/ without $OUT).
 set -euo pipefail
@@ -18,26 +18,22 @@ bin=${SWAV_BIN:-$pack/swav}
 [[ -x $bin ]] || bin=${CARGO_TARGET_DIR:-target}/release/swav
 [[ -x $bin ]] || die "no swav binary: carry .gpu/swav (scripts/gpu_pack.sh) or build target/release/swav"
 mkdir -p "$out"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
 install_gpu_library() {
-    if [[ -e $lib_dir/libonnxruntime.so && -e $lib_dir/libonnxruntime_providers_cuda.so ]]; then
-        say "onnxruntime-gpu already unpacked in $lib_dir"
-        return
-    fi
-    local parts=("$pack"/ort-gpu.tar.xz.part*)
+    local parts=("$pack"/onnxruntime_gpu-*.whl.part*)
     if [[ ! -e ${parts[0]} ]]; then
-        say "no carried parts in $pack: trying PyPI"
+        say "no carried wheel parts in $pack: scripts/install-ort --gpu (needs PyPI, unless already installed)"
         scripts/install-ort --gpu
         return
     fi
-    say "unpacking ${#parts[@]} carried parts into $lib_dir"
-    rm -rf "$lib_dir.new"
-    mkdir -p "$lib_dir.new"
-    # python's tarfile/lzma, since the machine's tar may lack xz.
-    cat "${parts[@]}" | python3 -c 'import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1])' "$lib_dir.new"
-    (cd "$lib_dir.new" && sha256sum --check --quiet "$root/$pack/SHA256SUMS")
-    rm -rf "$lib_dir"
-    mv "$lib_dir.new" "$lib_dir"
+    local wheel
+    wheel=$tmp/$(basename "${parts[0]%.part*}")
+    say "joining ${#parts[@]} carried parts into $wheel"
+    cat "${parts[@]}" >"$wheel"
+    # Checks the joined wheel against the pinned sha256, unpacks it, and loads the library.
+    scripts/install-ort --gpu --wheel "$wheel"
 }
 
 # CUDA 13 and cuDNN 9 as the machine's PyTorch has them: the nvidia-* wheels' lib folders.

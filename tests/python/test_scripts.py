@@ -26,7 +26,7 @@ ortlib = load("ortlib", REPO / "scripts" / "ort" / "ortlib.py")
 test_summary = load("test_summary", REPO / "scripts" / "lib" / "test_summary.py")
 
 ENTRY_POINTS = ["scripts/setup", "scripts/setup-train", "scripts/install-ort", "scripts/serve",
-                "scripts/test", "scripts/gpu_check.sh", ".ci/run"]  # fmt: skip
+                "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", ".ci/run"]  # fmt: skip
 SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh"]
 
 
