@@ -49,6 +49,15 @@ def load_pngs(idx: Path | None, count: int) -> list[bytes]:
     return pngs
 
 
+def serve_command(binary: Path, model: Path, ort_lib: Path, device: str) -> list[str]:
+    """`swav serve` on a free loopback port, taking requests of up to the largest batch measured."""
+    return [
+        str(binary), "serve", "--model", str(model), "--device", device, "--ort-lib", str(ort_lib),
+        "--listen", "127.0.0.1:0", "--max-batch-size", str(max(BATCHES)),
+        "--max-images-per-request", str(max(BATCHES)), "--max-body-bytes", str(64 << 20), "--queue-capacity", "8192",
+    ]  # fmt: skip
+
+
 class Server:
     """One `swav serve` process on a free loopback port; its output is kept for error messages."""
 
@@ -56,12 +65,7 @@ class Server:
         self.device = device
         self.lines: list[str] = []
         self.address: str | None = None
-        cmd = [
-            str(args.bin), "serve", "--model", str(args.model), "--device", device,
-            "--ort-lib", str(args.ort_lib), "--listen", "127.0.0.1:0",
-            "--max-batch-size", str(max(BATCHES)), "--max-images-per-request", str(max(BATCHES)),
-            "--max-body-bytes", str(64 << 20), "--queue-capacity", "8192",
-        ]  # fmt: skip
+        cmd = serve_command(args.bin, args.model, args.ort_lib, device)
         print("$ " + " ".join(cmd), flush=True)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
