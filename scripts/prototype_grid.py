@@ -7,7 +7,7 @@ test images that score highest on it.
 Runs the bundle's model.onnx with onnxruntime (no PyTorch) on the Fashion-MNIST test set (IDX files,
 Debian's dataset-fashion-mnist), assigns every image to its prototype (argmax of `prototype_scores`),
 and writes a PNG. With labels, each row also names its most common class and its share of the row's
-prototype. Preprocessing follows docs/bundle.md for the 8-bit grayscale images these files hold.
+prototype. Needs numpy, Pillow and onnxruntime, not PyTorch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
+
+# The trainer's preprocessing (numpy and PIL only, no PyTorch) is the rule the model was trained with;
+# taken from the source tree when the training environment is not installed.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "training" / "src"))
+from swav_train.preprocess import InputSpec, to_array  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -77,33 +82,21 @@ def load_manifest(bundle: Path) -> dict:
 # --- the model ----------------------------------------------------------------------------------------
 
 
-def to_tensor(image: np.ndarray, spec: dict) -> np.ndarray:
-    """docs/bundle.md steps 5-8 for one 8-bit grayscale image: channels, resize, centre crop, [0, 1]."""
-    pil = Image.fromarray(image, mode="L")
-    if spec["channels"] == 3:
-        pil = pil.convert("RGB")
-    resize = spec.get("resize") or {}
-    if resize.get("method") == "shorter_side":
-        w, h = pil.size
-        short, size = min(w, h), resize["size"]
-        new = (size, int(size * h / short)) if w <= h else (int(size * w / short), size)
-        if new != (w, h):
-            pil = pil.resize(new, Image.Resampling.BILINEAR)
-    crop = spec.get("crop") or {"height": spec["height"], "width": spec["width"]}
-    w, h = pil.size
-    top, left = round((h - crop["height"]) / 2), round((w - crop["width"]) / 2)
-    pil = pil.crop((left, top, left + crop["width"], top + crop["height"]))
-    array = np.asarray(pil, dtype=np.float32) / 255.0
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+def input_spec(manifest: dict) -> InputSpec:
+    spec = manifest["input"]
+    if spec.get("resize", {}).get("method") != "shorter_side" or spec.get("crop", {}).get("method") != "center":
+        raise SystemExit(f"error: unknown resize or crop rule in the manifest: {spec}")
+    return InputSpec(spec["channels"], spec["resize"]["size"], spec["height"], spec["width"])
 
 
 def prototype_scores(bundle: Path, manifest: dict, images: np.ndarray, batch: int = 256) -> np.ndarray:
     session = ort.InferenceSession(str(bundle / manifest["model_file"]), providers=["CPUExecutionProvider"])
+    spec = input_spec(manifest)
     input_name = manifest["input"]["name"]
     output = manifest["outputs"]["prototype_scores"]["name"]
     chunks = []
     for start in range(0, len(images), batch):
-        tensor = np.stack([to_tensor(img, manifest["input"]) for img in images[start : start + batch]])
+        tensor = np.stack([to_array(Image.fromarray(img, mode="L"), spec) for img in images[start : start + batch]])
         chunks.append(session.run([output], {input_name: tensor})[0])
     return np.concatenate(chunks)
 
