@@ -93,13 +93,16 @@ def test_a_new_model_moves_the_old_index_aside(sandbox):
     assert [c.split()[:2] for c in calls(tmp_path)][-2:] == [["index", "build"], ["serve", "--model"]]
 
 
-def test_an_interrupted_export_is_redone(sandbox):
+def test_an_interrupted_export_is_finished_by_the_next_run(sandbox):
     tmp_path, env = sandbox
     images = Path(env["SWAV_DEMO_IMAGES"])
-    (images / "half").mkdir(parents=True)
+    (images / "Bag").mkdir(parents=True)
+    (images / "Bag" / "00001.png").write_text("written by the interrupted run")
     assert run_serve(env).returncode == 0
-    assert not (images / "half").exists()
+    # The export resumes (it keeps what is there) and only then is the folder marked complete.
+    assert (images / "Bag" / "00001.png").read_text() == "written by the interrupted run"
     assert calls(tmp_path)[0].startswith("dataset fashion-mnist")
+    assert Path(f"{images}.complete").exists()
 
 
 def test_missing_model_is_a_clear_error(sandbox):
