@@ -112,3 +112,13 @@ def test_missing_model_is_a_clear_error(sandbox):
     assert result.returncode != 0
     assert f"{tmp_path}/nowhere/manifest.json not found" in result.stderr
     assert calls(tmp_path) == []
+
+
+def test_deleted_outputs_are_made_again(sandbox):
+    tmp_path, env = sandbox
+    assert run_serve(env).returncode == 0
+    (tmp_path / "calls.log").unlink()
+    for folder in (env["SWAV_INDEX"], env["SWAV_DEMO_IMAGES"]):
+        subprocess.run(["rm", "-rf", folder], check=True)
+    assert run_serve(env).returncode == 0
+    assert [c.split()[0] for c in calls(tmp_path)] == ["dataset", "index", "serve"]
