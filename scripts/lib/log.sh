@@ -8,6 +8,15 @@ die() {
     exit 1
 }
 
+# Under set -e a failing command ends the script silently: name it. (A failed phase says so itself,
+# so its `return` is not reported again.)
+_on_error() {
+    local status=$1 line=$2 command=$3 file=$4
+    [[ $command == return* ]] || printf 'error: %s line %s: "%s" failed (exit %s)\n' "$file" "$line" "$command" "$status" >&2
+}
+set -o errtrace
+trap '_on_error $? $LINENO "$BASH_COMMAND" "${BASH_SOURCE[0]}"' ERR
+
 # Runs "$@" as a named phase, prints how long it took and returns its status.
 # "$@" runs in a subshell with errexit on, so a shell function given here stops at its first failing
 # command, as it would outside. (Calling phase itself on the left of || or inside `if` turns errexit
@@ -18,11 +27,14 @@ phase() {
     start=$(date +%s)
     say "$name"
     set +e
+    trap - ERR
     (
+        trap '_on_error $? $LINENO "$BASH_COMMAND" "${BASH_SOURCE[0]}"' ERR
         set -e
         "$@"
     )
     status=$?
+    trap '_on_error $? $LINENO "$BASH_COMMAND" "${BASH_SOURCE[0]}"' ERR
     set -e
     ((status == 0)) || outcome="FAILED (exit $status)"
     say "$name: $outcome in $(($(date +%s) - start)) s"

@@ -17,7 +17,11 @@ STUB = r"""#!/usr/bin/env bash
 set -euo pipefail
 printf '%s\n' "$*" >>"$STUB_LOG"
 case "$1" in
-    dataset) out=${@: -1}; mkdir -p "$out/Bag"; printf 'png' >"$out/Bag/00003.png" ;;
+    dataset)
+        out=${@: -1}
+        mkdir -p "$out/Bag"
+        printf 'png' >"$out/Bag/00003.png"
+        for ((i = 10000; i < 10000 + ${STUB_MORE_IMAGES:-0}; i++)); do : >"$out/Bag/$i.png"; done ;;
     index) out=${@: -1}; mkdir -p "$out" ;;
     serve) echo "listening on 127.0.0.1:8080" ;;
 esac
@@ -36,7 +40,8 @@ def sandbox(tmp_path):
     stub.chmod(0o755)
     env = dict(os.environ, SWAV_BIN=str(stub), SWAV_MODEL=str(model), SWAV_INDEX=str(tmp_path / "var" / "index"),
                SWAV_DEMO_IMAGES=str(tmp_path / "images"), SWAV_LISTEN="0.0.0.0:9123",
-               SWAV_API_KEY="secret", STUB_LOG=str(tmp_path / "calls.log"))  # fmt: skip
+               SWAV_API_KEY="secret", STUB_LOG=str(tmp_path / "calls.log"),
+               STUB_MORE_IMAGES="3000")  # enough file names to fill a pipe  # fmt: skip
     return tmp_path, env
 
 
