@@ -1,6 +1,8 @@
-"""Where the repository is, and how the tests find the tools that tests/python/requirements.txt installs.
+"""Where the repository is, how the tests find the tools that tests/python/requirements.txt installs,
+and the swav binary fixture.
 
-(Not in conftest.py: training/tests has a conftest.py too, and a plain `import conftest` may get either.)
+There is deliberately no conftest.py in tests/python: pytest runs these tests together with
+training/tests, whose modules `import conftest`, and two conftest.py files would shadow each other.
 """
 
 from __future__ import annotations
@@ -31,3 +33,12 @@ def fixture_bundle(name: str) -> Path:
     if not (bundle / "manifest.json").is_file():
         pytest.fail(f"{bundle}/manifest.json not found: the trainer's fixture bundles must be committed")
     return bundle
+
+
+@pytest.fixture(scope="session")
+def swav_bin() -> Path:
+    """The swav binary that scripts/test builds before running pytest (override with SWAV_BIN)."""
+    path = Path(os.environ.get("SWAV_BIN", REPO / "target" / "debug" / "swav"))
+    if not path.is_file():
+        pytest.fail(f"{path} not found: run `cargo build --bin swav` first, or set SWAV_BIN (scripts/test does both)")
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_tools import REPO
+from repo_tools import REPO, swav_bin  # noqa: F401 (swav_bin is a fixture)
 
 WORD = re.compile(r"[a-z][a-z0-9-]*")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo_tools import REPO, venv_tool
+from repo_tools import REPO, swav_bin, venv_tool  # noqa: F401 (swav_bin is a fixture)
 from dockerfile import copy_parts, instructions, stages
 
 DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cuda"]
