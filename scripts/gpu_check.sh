@@ -31,8 +31,10 @@ install_gpu_library() {
     local wheel
     wheel=$tmp/$(basename "${parts[0]%.part*}")
     say "joining ${#parts[@]} carried parts into $wheel"
+    ls -l "${parts[@]}"
     cat "${parts[@]}" >"$wheel"
-    # Checks the joined wheel against the pinned sha256, unpacks it, and loads the library.
+    # Checks the joined wheel against the pinned sha256, unpacks it, and loads the library. A part
+    # lost when the machine went back between carrying calls shows here as a hash mismatch.
     scripts/install-ort --gpu --wheel "$wheel"
 }
 
