@@ -297,3 +297,57 @@ pub fn read_fixture(name: &str) -> Vec<u8> {
     let p: &Path = &repo().join("tests/fixtures/preprocess").join(name);
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+// ---------------------------------------------------------------- fake runner
+
+/// A stand-in for the engine: slow on demand, counts images, echoes the tensor's mean.
+pub struct FakeRunner {
+    pub tensor_len: usize,
+    pub dims: (usize, usize, usize),
+    pub delay: Duration,
+    pub images_run: std::sync::atomic::AtomicUsize,
+}
+
+impl FakeRunner {
+    pub fn new(bundle: &Bundle, delay: Duration) -> Arc<FakeRunner> {
+        let o = &bundle.manifest.outputs;
+        Arc::new(FakeRunner {
+            tensor_len: bundle.manifest.input.tensor_len(),
+            dims: (o.embedding.dim, o.projection.dim, o.prototype_scores.dim),
+            delay,
+            images_run: Default::default(),
+        })
+    }
+}
+
+impl BatchRunner for FakeRunner {
+    fn tensor_len(&self) -> usize {
+        self.tensor_len
+    }
+    fn run_batch(&self, batch: &[f32], n: usize) -> Result<swav::engine::ModelOutputs, swav::engine::EngineError> {
+        std::thread::sleep(self.delay);
+        self.images_run.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        let (e, p, k) = self.dims;
+        let means: Vec<f32> = batch.chunks(self.tensor_len).map(|t| t.iter().sum::<f32>() / t.len() as f32).collect();
+        let fill = |d: usize| means.iter().flat_map(|m| std::iter::repeat_n(*m + 0.01, d)).collect::<Vec<f32>>();
+        Ok(swav::engine::ModelOutputs {
+            n,
+            embedding_dim: e,
+            projection_dim: p,
+            num_prototypes: k,
+            embedding: fill(e),
+            projection: fill(p),
+            prototype_scores: fill(k),
+        })
+    }
+}
+
+/// Incompressible grayscale noise, so the PNG is about `width × height` bytes.
+pub fn noise_png(width: u32, height: u32, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let img = image::GrayImage::from_fn(width, height, |_, _| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        image::Luma([(state >> 56) as u8])
+    });
+    png(&image::DynamicImage::ImageLuma8(img))
+}
