@@ -56,7 +56,11 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Prepr
     }
     // A broken EXIF block must not reject an otherwise good image: PIL ignores it too.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    let jpeg = if format == ImageFormat::Jpeg { super::jpeg::decode(bytes)? } else { None };
+    let mut img = match jpeg {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(decoder).map_err(classify)?,
+    };
     img.apply_orientation(orientation);
     Ok(img)
 }
@@ -71,7 +75,8 @@ fn classify(err: ImageError) -> PreprocessError {
         ImageError::IoError(e) => PreprocessError::Truncated(e.to_string()),
         other => {
             let msg = other.to_string();
-            if msg.to_ascii_lowercase().contains("eof") || msg.contains("end of") {
+            let lower = msg.to_ascii_lowercase();
+            if ["eof", "end of", "not enough bytes", "truncated"].iter().any(|n| lower.contains(n)) {
                 PreprocessError::Truncated(msg)
             } else {
                 PreprocessError::Undecodable(msg)

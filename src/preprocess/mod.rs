@@ -2,6 +2,7 @@
 //! exactly as `docs/bundle.md` specifies and the trainer's evaluation transform does.
 
 mod decode;
+mod jpeg;
 pub mod pixels;
 pub mod resize;
 
