@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -182,10 +182,7 @@ impl Worker {
                     if now >= deadline {
                         None
                     } else {
-                        match self.rx.recv_timeout(deadline - now) {
-                            Ok(job) => Some(job),
-                            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                        }
+                        self.rx.recv_timeout(deadline - now).ok()
                     }
                 }
             };

@@ -26,7 +26,7 @@ extern "C-unwind" fn on_message(cinfo: &mut jpeg_common_struct, level: std::os::
     // SAFETY: as above.
     let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
     // Level -1 is a warning; a truncated file is an error for us (PIL refuses it too).
-    if level == -1 && code == JWRN_JPEG_EOF as i32 {
+    if level == -1 && code == JWRN_JPEG_EOF {
         std::panic::resume_unwind(Box::new(TRUNCATED));
     }
 }

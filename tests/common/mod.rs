@@ -232,10 +232,10 @@ impl Spawned {
         let client = reqwest::blocking::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/ready", self.base)).send() {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = client.get(format!("{}/ready", self.base)).send()
+                && r.status() == 200
+            {
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
