@@ -455,3 +455,42 @@ async fn every_documented_operation_is_served() {
     }
     assert!(seen >= 6, "only {seen} operations documented");
 }
+
+/// A client that hangs up while its image waits in the queue costs no inference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_clients_are_dropped_before_inference() {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::from_millis(400));
+    let cfg = ServerConfig {
+        batcher: BatcherConfig { max_batch_size: 8, max_delay: Duration::ZERO, queue_capacity: 16 },
+        ..ServerConfig::default()
+    };
+    let srv = common::start_in_process(&bundle, runner.clone(), cfg).await;
+    let png = common::gray_png(28, 28, 8);
+    let send = |timeout: Duration| {
+        let (base, png) = (srv.base.clone(), png.clone());
+        async move {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .expect("client")
+                .post(format!("{base}/v1/embed"))
+                .header("content-type", "image/png")
+                .body(png)
+                .send()
+                .await
+        }
+    };
+    let first = tokio::spawn(send(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let quitters: Vec<_> = (0..3).map(|_| tokio::spawn(send(Duration::from_millis(100)))).collect();
+    for q in quitters {
+        assert!(q.await.expect("join").is_err(), "quitters time out");
+    }
+    assert_eq!(first.await.expect("join").expect("first").status(), 200);
+    // Let the worker pick up (and discard) the abandoned images.
+    let live = send(Duration::from_secs(10)).await.expect("live request");
+    assert_eq!(live.status(), 200);
+    assert_eq!(srv.state.metrics.cancelled.get(), 3, "abandoned images must be dropped");
+    assert_eq!(runner.images_run.load(Ordering::SeqCst), 2, "only the two live images reach the model");
+}
