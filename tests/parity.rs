@@ -78,3 +78,26 @@ fn batch_results_equal_single_results() {
         assert!(common::max_abs_diff(&alone.prototype_scores, &together.image(i).prototype_scores) < 1e-4);
     }
 }
+
+/// Several sessions (workers) used from several threads at once agree with each other.
+#[test]
+fn multiple_sessions_run_concurrently_and_agree() {
+    let bundle = common::gray_bundle();
+    let options = swav::engine::EngineOptions { workers: 2, ..common::engine_options() };
+    let engine = std::sync::Arc::new(swav::engine::Engine::new(&bundle, &options).expect("engine"));
+    assert_eq!(engine.workers(), 2);
+    let pre = Preprocessor::new(&bundle.manifest.input, DecodeLimits::default());
+    let tensor = pre.prepare(&common::gray_png(28, 28, 77)).expect("ok");
+    let reference = engine.run(&tensor, 1).expect("run").image(0);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, tensor) = (engine.clone(), tensor.clone());
+            std::thread::spawn(move || (0..10).map(|_| engine.run(&tensor, 1).expect("run").image(0)).collect::<Vec<_>>())
+        })
+        .collect();
+    for h in handles {
+        for out in h.join().expect("thread") {
+            assert!(common::max_abs_diff(&out.embedding, &reference.embedding) < 1e-6);
+        }
+    }
+}
