@@ -102,6 +102,8 @@ def ort_alone(model: pathlib.Path, listing: pathlib.Path, threads: int, seconds:
     manifest = json.loads((model / "manifest.json").read_text())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    # The server's setting: no spinning intra-op threads.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(model / manifest["model_file"]), opts, providers=["CPUExecutionProvider"])
     files = listing.read_text().split()
     c = manifest["input"]["channels"]
@@ -133,6 +135,7 @@ def main() -> None:
     manifest = json.loads((args.model / "manifest.json").read_text())
     print(f"model: {args.model} ({manifest['name']}, {manifest.get('backbone')}, "
           f"{manifest['input']['channels']}x{manifest['input']['height']}x{manifest['input']['width']})")
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"machine: {os.cpu_count()} cores; ORT intra-op threads {args.threads}; wrk -t1, {args.seconds}s per point")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +169,7 @@ def main() -> None:
     print(f"\nat c={c}: throughput swav/peer {swav[c]['rps'] / peer[c]['rps']:.2f}x (target >= 3), "
           f"p99 swav/peer {swav[c]['p99'] / peer[c]['p99']:.3f} (target <= 0.333), "
           f"swav/ORT-alone {swav[c]['rps'] / alone[best_bs]:.2f}x (target >= 0.8)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"peak RSS: swav {swav['rss']:.0f} MiB, fastapi peer {peer['rss']:.0f} MiB")
 
 
