@@ -5,7 +5,7 @@ Load: wrk (closed loop, one connection per concurrent client) on loopback, POSTi
 test images as PNG (a different image each request) to /v1/embed as raw image/png bodies.
 
 Usage (from the repository root, after `cargo build --release`):
-    /work/main/.venv/bin/python scripts/bench_serve.py --model models/default
+    /work/main/.venv/bin/python scripts/bench_serve.py --model models/fashion-mnist
 Needs: wrk, and numpy, pillow, onnxruntime, fastapi, uvicorn in the Python environment.
 """
 import argparse
@@ -124,7 +124,7 @@ def ort_alone(model: pathlib.Path, listing: pathlib.Path, threads: int, seconds:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=pathlib.Path, default=ROOT / "models/default")
+    p.add_argument("--model", type=pathlib.Path, default=ROOT / "models/fashion-mnist")
     p.add_argument("--binary", type=pathlib.Path, default=ROOT / "target/release/swav")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seconds", type=int, default=10)

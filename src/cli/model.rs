@@ -10,11 +10,11 @@ use crate::engine::{Device, Engine, EngineOptions, default_intra_threads};
 use crate::preprocess::DecodeLimits;
 
 /// Where the bundled default model lives, relative to the working directory or the source tree.
-pub const DEFAULT_MODEL_DIR: &str = "models/default";
+pub const DEFAULT_MODEL_DIR: &str = "models/fashion-mnist";
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model bundle directory (model.onnx + manifest.json). Default: models/default.
+    /// Model bundle directory (model.onnx + manifest.json). Default: models/fashion-mnist.
     #[arg(long, env = "SWAV_MODEL", value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Execution device: cpu, cuda, cuda:N, or auto (CUDA if it can be used, else CPU).
