@@ -1,0 +1,85 @@
+//! Compares hnsw_rs distance kernels on unit vectors: build time, recall@10 against exact
+//! search, and single-thread queries/s for a few `ef` values.
+//!
+//! Data: Fashion-MNIST pixels, projected to 128-d by a fixed random Gaussian matrix and
+//! L2-normalised (a stand-in for model embeddings with real cluster structure).
+//!
+//! Run: cargo run --example index_distance_bench -- [/usr/share/datasets/fashion-mnist] [queries]
+use std::io::Read;
+use std::time::Instant;
+
+use hnsw_rs::prelude::*;
+use rand::{Rng, SeedableRng};
+
+const DIM: usize = 128;
+const K: usize = 10;
+
+fn read_idx_images(path: &str) -> Vec<Vec<f32>> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut buf = Vec::new();
+    flate2::read::GzDecoder::new(f).read_to_end(&mut buf).expect("gunzip");
+    let n = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    buf[16..].chunks_exact(784).take(n).map(|p| p.iter().map(|&b| b as f32 / 255.0).collect()).collect()
+}
+
+fn project(images: &[Vec<f32>], proj: &[f32]) -> Vec<Vec<f32>> {
+    images
+        .iter()
+        .map(|x| {
+            let mut v: Vec<f32> = (0..DIM).map(|j| x.iter().zip(&proj[j * 784..(j + 1) * 784]).map(|(a, b)| a * b).sum()).collect();
+            let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|a| *a /= n);
+            v
+        })
+        .collect()
+}
+
+fn exact(base: &[Vec<f32>], q: &[f32]) -> Vec<usize> {
+    let mut s: Vec<(usize, f32)> = base.iter().enumerate().map(|(i, b)| (i, b.iter().zip(q).map(|(x, y)| x * y).sum())).collect();
+    s.select_nth_unstable_by(K, |a, b| b.1.total_cmp(&a.1));
+    s.truncate(K);
+    s.into_iter().map(|x| x.0).collect()
+}
+
+fn run<D: Distance<f32> + Send + Sync>(name: &str, d: D, base: &[Vec<f32>], queries: &[Vec<f32>], truth: &[Vec<usize>]) {
+    let t = Instant::now();
+    let h: Hnsw<f32, D> = Hnsw::new(16, base.len(), 16, 200, d);
+    let data: Vec<(&[f32], usize)> = base.iter().enumerate().map(|(i, v)| (&v[..], i)).collect();
+    h.parallel_insert_slice(&data);
+    let build = t.elapsed().as_secs_f64();
+    for ef in [16, 32, 64, 128] {
+        for filtered in [false, true] {
+            let pass = |_: &usize| true;
+            let filter: Option<&dyn FilterT> = if filtered { Some(&pass) } else { None };
+            let t = Instant::now();
+            let mut hits = 0usize;
+            for (q, tr) in queries.iter().zip(truth) {
+                let res = h.search_filter(q, K, ef, filter);
+                hits += res.iter().filter(|n| tr.contains(&n.d_id)).count();
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{name:>10} build {build:6.2}s ef {ef:>3} filter {filtered:5} recall@10 {:.4} qps {:8.0}",
+                hits as f64 / (K * queries.len()) as f64,
+                queries.len() as f64 / secs
+            );
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args.get(1).cloned().unwrap_or("/usr/share/datasets/fashion-mnist".into());
+    let nq: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let proj: Vec<f32> = (0..DIM * 784).map(|_| rng.random::<f32>() - 0.5).collect();
+    let base = project(&read_idx_images(&format!("{dir}/train-images-idx3-ubyte.gz")), &proj);
+    let queries = project(&read_idx_images(&format!("{dir}/t10k-images-idx3-ubyte.gz")), &proj);
+    let queries = &queries[..nq];
+    let t = Instant::now();
+    let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact(&base, q)).collect();
+    println!("{} base, {} queries, exact search {:.2}s", base.len(), queries.len(), t.elapsed().as_secs_f64());
+    run("DistL2", DistL2 {}, &base, queries, &truth);
+    run("DistDot", DistDot {}, &base, queries, &truth);
+    run("DistCosine", DistCosine {}, &base, queries, &truth);
+}
