@@ -12,6 +12,14 @@ use hnsw_rs::prelude::*;
 use rand::{Rng, SeedableRng};
 
 const DIM: usize = 128;
+
+/// CPU seconds of this thread or process: the machine is shared, so wall time is noise.
+fn cpu_seconds(clock: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
 const K: usize = 10;
 
 fn read_idx_images(path: &str) -> Vec<Vec<f32>> {
@@ -41,25 +49,38 @@ fn exact(base: &[Vec<f32>], q: &[f32]) -> Vec<usize> {
     s.into_iter().map(|x| x.0).collect()
 }
 
-fn run<D: Distance<f32> + Send + Sync>(name: &str, d: D, base: &[Vec<f32>], queries: &[Vec<f32>], truth: &[Vec<usize>]) {
+fn run<D: Distance<f32> + Default + Send + Sync>(name: &str, d: D, base: &[Vec<f32>], queries: &[Vec<f32>], truth: &[Vec<usize>]) {
     let t = Instant::now();
+    let c = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID);
     let h: Hnsw<f32, D> = Hnsw::new(16, base.len(), 16, 200, d);
     let data: Vec<(&[f32], usize)> = base.iter().enumerate().map(|(i, v)| (&v[..], i)).collect();
     h.parallel_insert_slice(&data);
     let build = t.elapsed().as_secs_f64();
+    let build_cpu = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID) - c;
+    let tmp = std::env::temp_dir().join(format!("swav-dump-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let t = Instant::now();
+    h.file_dump(&tmp, "g").expect("dump");
+    let dump = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let io = HnswIo::new(&tmp, "g");
+    let reloaded: Hnsw<f32, D> = io.load_hnsw_with_dist(D::default()).expect("reload");
+    println!("{name:>10} dump {dump:.2}s, reload {:.2}s ({} points)", t.elapsed().as_secs_f64(), reloaded.get_nb_point());
+    drop(reloaded);
+    std::fs::remove_dir_all(&tmp).ok();
     for ef in [16, 32, 64, 128] {
         for filtered in [false, true] {
             let pass = |_: &usize| true;
             let filter: Option<&dyn FilterT> = if filtered { Some(&pass) } else { None };
-            let t = Instant::now();
+            let t = cpu_seconds(libc::CLOCK_THREAD_CPUTIME_ID);
             let mut hits = 0usize;
             for (q, tr) in queries.iter().zip(truth) {
                 let res = h.search_filter(q, K, ef, filter);
                 hits += res.iter().filter(|n| tr.contains(&n.d_id)).count();
             }
-            let secs = t.elapsed().as_secs_f64();
+            let secs = cpu_seconds(libc::CLOCK_THREAD_CPUTIME_ID) - t;
             println!(
-                "{name:>10} build {build:6.2}s ef {ef:>3} filter {filtered:5} recall@10 {:.4} qps {:8.0}",
+                "{name:>10} build {build:6.2}s wall {build_cpu:6.2}s cpu | ef {ef:>3} filter {filtered:5} recall@10 {:.4} queries/cpu-s {:8.0}",
                 hits as f64 / (K * queries.len()) as f64,
                 queries.len() as f64 / secs
             );

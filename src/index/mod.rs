@@ -201,11 +201,17 @@ impl Index {
         }
         let snapshot_seq = snap.as_ref().map_or(0, |s| s.seq);
         let last_log_seq = scan.records.last().map_or(0, |(s, _)| *s);
-        let (items, replayed) = replay(snap.map(|s| s.items).unwrap_or_default(), scan.records, snapshot_seq);
         let started = Instant::now();
-        let state = State::build(identity.dim, graph_params(&opts), items);
+        let mut state = match snap {
+            Some(s) => {
+                let graph = snapshot::load_graph(&s.dir, s.slots.len());
+                State::restore(identity.dim, graph_params(&opts), s.slots, graph)
+            }
+            None => State::restore(identity.dim, graph_params(&opts), Vec::new(), None),
+        };
+        let replayed = replay(&mut state, scan.records, snapshot_seq);
         tracing::info!(index = %dir.display(), items = state.live_len(), replayed,
-            graph_seconds = started.elapsed().as_secs_f64(), "index opened");
+            seconds = started.elapsed().as_secs_f64(), "index opened");
         snapshot::remove_older(dir, snapshot_seq)?;
         let writer = Writer { wal, next_seq: snapshot_seq.max(last_log_seq) + 1, snapshot_seq };
         let inner = Inner {
@@ -489,13 +495,16 @@ impl Inner {
         let started = Instant::now();
         let enc = {
             let st = self.state.read();
-            let mut enc = snapshot::Encoder::new(self.identity.dim, seq, st.live_len());
-            for (slot, s) in st.slots.iter().enumerate().filter(|(_, s)| s.live) {
-                enc.push(&s.id, s.cluster, s.metadata.as_deref(), st.vector(slot));
+            let mut enc = snapshot::Encoder::new(self.identity.dim, seq, st.slots.len());
+            for (slot, s) in st.slots.iter().enumerate() {
+                // Tombstones keep their place: the graph dump refers to slots by number.
+                let metadata = if s.live { s.metadata.as_deref() } else { None };
+                enc.push(s.live, &s.id, s.cluster, metadata, st.vector(slot));
             }
-            enc
+            (enc, Arc::clone(&st.graph))
         };
-        snapshot::write(&self.dir, seq, enc)?;
+        let (enc, graph) = enc;
+        snapshot::write(&self.dir, seq, enc, &graph)?;
         // Only now is the log redundant: a crash before this line replays it over the snapshot,
         // skipping records the snapshot already holds.
         w.wal.reset()?;
@@ -511,12 +520,12 @@ impl Inner {
     fn compact(&self) -> Result<CompactReport, IndexError> {
         let started = Instant::now();
         let mut w = self.writer.lock();
-        let (records, tombstones) = {
+        let (slots, tombstones) = {
             let st = self.state.read();
-            (st.live_records(), st.tombstones)
+            (st.live_slots(), st.tombstones)
         };
-        let items = records.len();
-        let fresh = State::build(self.identity.dim, graph_params(&self.opts), records);
+        let items = slots.len();
+        let fresh = State::restore(self.identity.dim, graph_params(&self.opts), slots, None);
         *self.state.write() = fresh;
         self.snapshot_locked(&mut w)?;
         self.compactions.fetch_add(1, Ordering::Relaxed);
@@ -547,36 +556,19 @@ fn graph_params(opts: &IndexOptions) -> GraphParams {
     GraphParams { m: opts.m, ef_construction: opts.ef_construction }
 }
 
-/// Applies log records after the snapshot to the snapshot's items; returns the live items
-/// in insertion order and how many records were replayed.
-fn replay(base: Vec<ItemRecord>, records: Vec<(u64, Op)>, snapshot_seq: u64) -> (Vec<ItemRecord>, usize) {
-    let mut items: Vec<Option<ItemRecord>> = Vec::with_capacity(base.len());
-    let mut pos: HashMap<String, usize> = HashMap::with_capacity(base.len());
-    fn put(items: &mut Vec<Option<ItemRecord>>, pos: &mut HashMap<String, usize>, it: ItemRecord) {
-        if let Some(old) = pos.insert(it.id.clone(), items.len()) {
-            items[old] = None;
-        }
-        items.push(Some(it));
-    }
-    for it in base {
-        put(&mut items, &mut pos, it);
-    }
+/// Applies the log records the snapshot does not hold; returns how many.
+fn replay(state: &mut State, records: Vec<(u64, Op)>, snapshot_seq: u64) -> usize {
     let mut replayed = 0;
-    for (seq, op) in records {
-        if seq <= snapshot_seq {
-            continue;
-        }
-        replayed += 1;
+    for (_, op) in records.into_iter().filter(|(seq, _)| *seq > snapshot_seq) {
         match op {
-            Op::Add(batch) => batch.into_iter().for_each(|it| put(&mut items, &mut pos, it)),
+            Op::Add(items) => state.add_now(&items),
             Op::Delete(id) => {
-                if let Some(old) = pos.remove(&id) {
-                    items[old] = None;
-                }
+                state.remove(&id);
             }
         }
+        replayed += 1;
     }
-    (items.into_iter().flatten().collect(), replayed)
+    replayed
 }
 
 fn validate_options(identity: &ModelIdentity, opts: &IndexOptions) -> Result<(), IndexError> {

@@ -32,26 +32,50 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// A fresh state holding `items` (all live), with the graph built in parallel.
-    pub fn build(dim: usize, params: GraphParams, items: Vec<ItemRecord>) -> State {
-        let graph = Graph::new(params, items.len());
+    /// The state a snapshot describes. With the snapshot's graph, every slot is kept (its
+    /// internal ids are the slot numbers); without it, tombstones are dropped and the graph is
+    /// built from the live items in parallel.
+    pub fn restore(dim: usize, params: GraphParams, slots: Vec<(bool, ItemRecord)>, graph: Option<Graph>) -> State {
+        let (slots, graph) = match graph {
+            Some(g) => (slots, g),
+            None => {
+                let live: Vec<_> = slots.into_iter().filter(|(live, _)| *live).collect();
+                let g = Graph::new(params, live.len());
+                let points: Vec<(&[f32], usize)> = live.iter().enumerate().map(|(i, (_, it))| (&it.vector[..], i)).collect();
+                g.insert(&points);
+                (live, g)
+            }
+        };
         let mut st = State {
             dim,
             graph: Arc::new(graph),
-            slots: Vec::with_capacity(items.len()),
-            vectors: Vec::with_capacity(items.len() * dim),
-            by_id: HashMap::with_capacity(items.len()),
+            slots: Vec::with_capacity(slots.len()),
+            vectors: Vec::with_capacity(slots.len() * dim),
+            by_id: HashMap::with_capacity(slots.len()),
             clusters: BTreeMap::new(),
             tombstones: 0,
             pending: 0,
         };
-        let base = st.reserve(&items);
-        let points: Vec<(&[f32], usize)> = items.iter().enumerate().map(|(i, it)| (&it.vector[..], base + i)).collect();
-        st.graph.insert(&points);
-        for slot in base..base + items.len() {
-            st.publish(slot);
+        for (live, it) in slots {
+            let slot = st.reserve(std::slice::from_ref(&it));
+            if live {
+                st.publish(slot);
+            } else {
+                st.pending -= 1;
+                st.tombstones += 1;
+            }
         }
         st
+    }
+
+    /// Adds items in one go (graph insert under the caller's exclusive access): for replay.
+    pub fn add_now(&mut self, items: &[ItemRecord]) {
+        let base = self.reserve(items);
+        let points: Vec<(&[f32], usize)> = items.iter().enumerate().map(|(i, it)| (&it.vector[..], base + i)).collect();
+        self.graph.insert(&points);
+        for slot in base..base + items.len() {
+            self.publish(slot);
+        }
     }
 
     /// Appends slots for `items`, not yet visible; returns the first slot number.
@@ -104,18 +128,18 @@ impl State {
         self.by_id.len()
     }
 
-    /// Live items in slot order, as records (for compaction).
-    pub fn live_records(&self) -> Vec<ItemRecord> {
+    /// Live items in slot order, as snapshot slots (for compaction).
+    pub fn live_slots(&self) -> Vec<(bool, ItemRecord)> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| s.live)
-            .map(|(i, s)| ItemRecord {
+            .map(|(i, s)| (true, ItemRecord {
                 id: s.id.to_string(),
                 cluster: s.cluster,
                 metadata: s.metadata.as_deref().cloned(),
                 vector: self.vector(i).to_vec(),
-            })
+            }))
             .collect()
     }
 }
