@@ -5,13 +5,14 @@
 //! L2-normalised (a stand-in for model embeddings with real cluster structure).
 //!
 //! Run: cargo run --example index_distance_bench -- [/usr/share/datasets/fashion-mnist] [queries]
-use std::io::Read;
 use std::time::Instant;
 
 use hnsw_rs::prelude::*;
-use rand::{Rng, SeedableRng};
 
-const DIM: usize = 128;
+#[path = "support/fashion.rs"]
+mod fashion;
+use fashion::fashion_vectors;
+
 
 /// CPU seconds of this thread or process: the machine is shared, so wall time is noise.
 fn cpu_seconds(clock: libc::clockid_t) -> f64 {
@@ -21,26 +22,6 @@ fn cpu_seconds(clock: libc::clockid_t) -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 const K: usize = 10;
-
-fn read_idx_images(path: &str) -> Vec<Vec<f32>> {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut buf = Vec::new();
-    flate2::read::GzDecoder::new(f).read_to_end(&mut buf).expect("gunzip");
-    let n = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
-    buf[16..].chunks_exact(784).take(n).map(|p| p.iter().map(|&b| b as f32 / 255.0).collect()).collect()
-}
-
-fn project(images: &[Vec<f32>], proj: &[f32]) -> Vec<Vec<f32>> {
-    images
-        .iter()
-        .map(|x| {
-            let mut v: Vec<f32> = (0..DIM).map(|j| x.iter().zip(&proj[j * 784..(j + 1) * 784]).map(|(a, b)| a * b).sum()).collect();
-            let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
-            v.iter_mut().for_each(|a| *a /= n);
-            v
-        })
-        .collect()
-}
 
 fn exact(base: &[Vec<f32>], q: &[f32]) -> Vec<usize> {
     let mut s: Vec<(usize, f32)> = base.iter().enumerate().map(|(i, b)| (i, b.iter().zip(q).map(|(x, y)| x * y).sum())).collect();
@@ -92,10 +73,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = args.get(1).cloned().unwrap_or("/usr/share/datasets/fashion-mnist".into());
     let nq: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let proj: Vec<f32> = (0..DIM * 784).map(|_| rng.random::<f32>() - 0.5).collect();
-    let base = project(&read_idx_images(&format!("{dir}/train-images-idx3-ubyte.gz")), &proj);
-    let queries = project(&read_idx_images(&format!("{dir}/t10k-images-idx3-ubyte.gz")), &proj);
+    let (base, queries) = fashion_vectors(&dir);
     let queries = &queries[..nq];
     let t = Instant::now();
     let truth: Vec<Vec<usize>> = queries.iter().map(|q| exact(&base, q)).collect();

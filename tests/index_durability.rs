@@ -184,3 +184,38 @@ fn a_half_written_snapshot_directory_is_ignored() {
     assert_eq!(index.len(), 20);
     assert!(!partial.exists(), "partial snapshot left behind");
 }
+
+#[test]
+fn a_snapshot_with_tombstones_reopens_with_its_stored_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(300, 3, 0.8, 19);
+    {
+        let index = open(dir.path());
+        index.add(items(&data, "t")).unwrap();
+        for i in 0..10 {
+            assert!(index.delete(&format!("t{i}")).unwrap());
+        }
+        index.close().unwrap();
+    }
+    let index = open(dir.path());
+    let stats = index.stats();
+    assert!(stats.graph_restored, "the snapshot's graph was not used");
+    assert_eq!((stats.items, stats.tombstones, stats.log_bytes), (290, 10, 0));
+    assert!(!index.contains("t0"));
+    assert_finds_itself(&index, &data, 10..300, "t");
+    let hits = index.search(&data[0].0, 20, None, None).unwrap();
+    assert!(hits.iter().all(|h| h.id != "t0"), "tombstone came back after reopening");
+
+    // A damaged graph file costs a rebuild, never data.
+    drop(index);
+    let snap = fs::read_dir(dir.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("snapshot-")).unwrap().path();
+    let graph_file = snap.join("graph.hnsw.graph");
+    let mut bytes = fs::read(&graph_file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&graph_file, bytes).unwrap();
+    let index = open(dir.path());
+    assert!(!index.stats().graph_restored);
+    assert_eq!(index.len(), 290);
+    assert_finds_itself(&index, &data, 10..300, "t");
+}

@@ -149,6 +149,8 @@ pub struct IndexStats {
     pub options: IndexOptions,
     /// What recovery cut off the end of the log when this index was opened.
     pub recovered_torn_tail: Option<TornTail>,
+    /// Whether opening loaded the snapshot's graph (true) or had to build one (false).
+    pub graph_restored: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -175,6 +177,7 @@ struct Inner {
     last_snapshot_micros: AtomicU64,
     compacting: AtomicBool,
     recovered: Option<TornTail>,
+    graph_restored: bool,
     /// Holds an exclusive flock for as long as the index is open.
     _lock: fs::File,
 }
@@ -202,9 +205,11 @@ impl Index {
         let snapshot_seq = snap.as_ref().map_or(0, |s| s.seq);
         let last_log_seq = scan.records.last().map_or(0, |(s, _)| *s);
         let started = Instant::now();
+        let mut graph_restored = false;
         let mut state = match snap {
             Some(s) => {
                 let graph = snapshot::load_graph(&s.dir, s.slots.len());
+                graph_restored = graph.is_some();
                 State::restore(identity.dim, graph_params(&opts), s.slots, graph)
             }
             None => State::restore(identity.dim, graph_params(&opts), Vec::new(), None),
@@ -226,6 +231,7 @@ impl Index {
             last_snapshot_micros: AtomicU64::new(0),
             compacting: AtomicBool::new(false),
             recovered: scan.torn,
+            graph_restored,
             _lock: lock,
         };
         Ok(Index { inner: Arc::new(inner) })
@@ -376,6 +382,7 @@ impl Index {
             compactions: inner.compactions.load(Ordering::Relaxed),
             options: inner.opts.clone(),
             recovered_torn_tail: inner.recovered.clone(),
+            graph_restored: inner.graph_restored,
         }
     }
 }
