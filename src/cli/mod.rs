@@ -1,2 +1,66 @@
-//! TODO
-pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS }
+//! The `swav` command line: one file per subcommand.
+//!
+//! Adding a subcommand: declare its module here, add a variant to [`Command`] and an arm in
+//! [`run`]. Every flag has a `SWAV_…` environment variable fallback.
+
+mod logging;
+mod model;
+mod oneshot;
+mod serve;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use model::ModelArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "swav",
+    version,
+    about = "Embed images, assign them to learned SwAV prototypes, and serve both over HTTP",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub logging: logging::LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over HTTP (embed, assign, model, health, ready, metrics).
+    Serve(serve::ServeArgs),
+    /// Print embeddings of image files as JSON (the body `POST /v1/embed` would return).
+    Embed(oneshot::EmbedArgs),
+    /// Print prototype assignments of image files as JSON (the body `POST /v1/assign` would return).
+    Assign(oneshot::AssignArgs),
+    /// Train a model with the Python trainer (arguments after the launcher's own go to `swav_train train`).
+    Train(train::TrainArgs),
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve::run(args),
+        Command::Embed(args) => oneshot::embed(args),
+        Command::Assign(args) => oneshot::assign(args),
+        Command::Train(args) => train::run(args),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.logging.init() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

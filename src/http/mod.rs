@@ -1,1 +1,142 @@
-//! TODO
+//! The REST API: routes, the three image input forms, JSON errors, auth, limits.
+//!
+//! This layer talks to the batcher and the preprocessor only; it knows nothing of ONNX.
+//!
+//! Extending it (the index routes): add a field to [`AppState`] (set in [`AppState::new`], with a
+//! `with_…` builder), and merge the new routes in [`v1_routes`]; they then get auth, metrics,
+//! the body limit and JSON errors like every other `/v1` route.
+
+pub mod error;
+pub mod images;
+pub mod input;
+pub mod middleware;
+pub mod ops;
+pub mod responses;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::Semaphore;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::bundle::Manifest;
+use crate::engine::batcher::Batcher;
+use crate::metrics::Metrics;
+use crate::preprocess::Preprocessor;
+use error::ApiError;
+
+/// What `/v1/model` reports about the loaded model besides its manifest.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub manifest: Manifest,
+    /// Execution provider in use: "cpu" or "cuda".
+    pub provider: String,
+    /// The device as requested ("cpu", "cuda:0", "auto").
+    pub device: String,
+    pub intra_threads: usize,
+}
+
+/// Per-request limits enforced by the HTTP layer (per-image limits live in the preprocessor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub max_images: usize,
+    pub max_body_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_images: 64,
+            max_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Shared state of every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub model: Arc<ModelInfo>,
+    pub preprocessor: Arc<Preprocessor>,
+    pub batcher: Arc<Batcher>,
+    pub metrics: Arc<Metrics>,
+    /// Set once the model is warmed up; `/ready` answers 503 until then.
+    pub ready: Arc<AtomicBool>,
+    pub limits: RequestLimits,
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<Arc<str>>,
+    /// Bounds concurrent image decodes (the CPU pool).
+    pub decode_permits: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// State with default limits, no API key, one decode slot per core, not yet ready.
+    pub fn new(model: ModelInfo, preprocessor: Preprocessor, batcher: Arc<Batcher>, metrics: Arc<Metrics>) -> AppState {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        AppState {
+            model: Arc::new(model),
+            preprocessor: Arc::new(preprocessor),
+            batcher,
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            limits: RequestLimits::default(),
+            api_key: None,
+            decode_permits: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: RequestLimits) -> AppState {
+        self.limits = limits;
+        self
+    }
+
+    pub fn with_api_key(mut self, key: Option<String>) -> AppState {
+        self.api_key = key.filter(|k| !k.is_empty()).map(Arc::from);
+        self
+    }
+
+    pub fn with_decode_threads(mut self, n: usize) -> AppState {
+        self.decode_permits = Arc::new(Semaphore::new(n.max(1)));
+        self
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.metrics.ready.set(1);
+    }
+}
+
+/// The `/v1` routes, all behind the API key.
+fn v1_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/embed", post(images::embed))
+        .route("/v1/assign", post(images::assign))
+        .route("/v1/model", get(ops::model))
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let v1 = v1_routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::require_api_key,
+    ));
+    Router::new()
+        .route("/health", get(ops::health))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .merge(v1)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::observe))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    ApiError::internal("internal error").into_response()
+}

@@ -1,1 +1,152 @@
-//! TODO
+//! Bytes → decoded image (with limits, EXIF orientation, colour rules) → model input tensor,
+//! exactly as `docs/bundle.md` specifies and the trainer's evaluation transform does.
+
+mod decode;
+pub mod pixels;
+pub mod resize;
+
+use crate::bundle::InputSpec;
+pub use decode::decode;
+use pixels::Plane;
+
+/// Guards against decompression bombs and oversized uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest width × height accepted, read from the header before decoding.
+    pub max_pixels: u64,
+    /// Largest encoded size of one image.
+    pub max_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_pixels: 40_000_000,
+            max_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// How the caller should treat a failure: bad data, too big, or a format we do not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Not a readable image (maps to HTTP 400).
+    Invalid,
+    /// Over a limit (413).
+    TooLarge,
+    /// A recognised format this build does not decode (415).
+    Unsupported,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PreprocessError {
+    #[error("the image is empty (0 bytes)")]
+    Empty,
+    #[error("the image data is truncated: {0}")]
+    Truncated(String),
+    #[error("the data is not a decodable image: {0}")]
+    Undecodable(String),
+    #[error("the image is {got} bytes, over the limit of {limit} bytes")]
+    TooManyBytes { got: usize, limit: usize },
+    #[error("the image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels", pixels = *width as u64 * *height as u64)]
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("decoding the image would exceed the memory limit: {0}")]
+    DecoderLimit(String),
+    #[error("image format {0} is not supported (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)")]
+    UnsupportedFormat(String),
+}
+
+impl PreprocessError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PreprocessError::Empty | PreprocessError::Truncated(_) | PreprocessError::Undecodable(_) => {
+                ErrorClass::Invalid
+            }
+            PreprocessError::TooManyBytes { .. }
+            | PreprocessError::TooManyPixels { .. }
+            | PreprocessError::DecoderLimit(_) => ErrorClass::TooLarge,
+            PreprocessError::UnsupportedFormat(_) => ErrorClass::Unsupported,
+        }
+    }
+
+    /// Stable machine-readable code, used in API errors and as the metrics' `reason`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PreprocessError::Empty => "empty_image",
+            PreprocessError::Truncated(_) => "truncated_image",
+            PreprocessError::Undecodable(_) => "undecodable_image",
+            PreprocessError::TooManyBytes { .. } | PreprocessError::DecoderLimit(_) => "image_too_large",
+            PreprocessError::TooManyPixels { .. } => "too_many_pixels",
+            PreprocessError::UnsupportedFormat(_) => "unsupported_image_format",
+        }
+    }
+}
+
+/// Turns encoded images into the model's input tensors.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    input: InputSpec,
+    limits: DecodeLimits,
+}
+
+impl Preprocessor {
+    pub fn new(input: &InputSpec, limits: DecodeLimits) -> Preprocessor {
+        Preprocessor {
+            input: input.clone(),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> DecodeLimits {
+        self.limits
+    }
+
+    /// Length of one tensor returned by [`Preprocessor::prepare`] (C×H×W).
+    pub fn tensor_len(&self) -> usize {
+        self.input.tensor_len()
+    }
+
+    /// Decodes `bytes` and returns the C×H×W tensor with values in [0, 1].
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, PreprocessError> {
+        let plane = self.prepare_plane(bytes)?;
+        Ok(to_chw(&plane))
+    }
+
+    /// Like [`Preprocessor::prepare`] but stops before the float conversion (8-bit H×W×C).
+    pub fn prepare_plane(&self, bytes: &[u8]) -> Result<Plane, PreprocessError> {
+        let img = decode(bytes, &self.limits)?;
+        let plane = pixels::to_plane(img, self.input.channels as usize);
+        self.resize_and_crop(plane)
+    }
+
+    fn resize_and_crop(&self, plane: Plane) -> Result<Plane, PreprocessError> {
+        let size = self.input.resize.size as usize;
+        let (w, h) = resize::shorter_side_size(plane.width, plane.height, size);
+        // An extreme aspect ratio can make the resized image far larger than the original.
+        if w as u64 * h as u64 > self.limits.max_pixels {
+            return Err(PreprocessError::TooManyPixels {
+                width: w.min(u32::MAX as usize) as u32,
+                height: h.min(u32::MAX as usize) as u32,
+                limit: self.limits.max_pixels,
+            });
+        }
+        let resized = resize::resize_bilinear(plane, w, h);
+        Ok(resize::center_crop(
+            &resized,
+            self.input.crop.width as usize,
+            self.input.crop.height as usize,
+        ))
+    }
+}
+
+/// H×W×C bytes → C×H×W floats in [0, 1].
+fn to_chw(plane: &Plane) -> Vec<f32> {
+    let (c, hw) = (plane.channels, plane.width * plane.height);
+    let mut out = vec![0f32; c * hw];
+    for (i, px) in plane.data.chunks_exact(c).enumerate() {
+        for (ch, &v) in px.iter().enumerate() {
+            out[ch * hw + i] = f32::from(v) / 255.0;
+        }
+    }
+    out
+}

@@ -1,0 +1,176 @@
+//! `swav serve`: load, bind, warm up, serve, and shut down gracefully on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::ModelArgs;
+use crate::engine::batcher::{Batcher, BatcherConfig};
+use crate::engine::{Engine, EngineOptions};
+use crate::http::{self, AppState, ModelInfo, RequestLimits};
+use crate::metrics::Metrics;
+use crate::preprocess::Preprocessor;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (port 0 picks a free port; the bound address is printed to stdout).
+    #[arg(long, env = "SWAV_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Inference workers, each with its own ONNX Runtime session.
+    #[arg(long, env = "SWAV_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Most images in one inference batch.
+    #[arg(long, env = "SWAV_MAX_BATCH_SIZE", default_value_t = BatcherConfig::default().max_batch_size)]
+    pub max_batch_size: usize,
+    /// Longest a batch waits for more images after its first, in microseconds (0: never wait).
+    #[arg(long, env = "SWAV_MAX_DELAY_US", default_value_t = BatcherConfig::default().max_delay.as_micros() as u64)]
+    pub max_delay_us: u64,
+    /// Images that may wait for inference; beyond it requests get 429 with Retry-After.
+    #[arg(long, env = "SWAV_QUEUE_CAPACITY", default_value_t = BatcherConfig::default().queue_capacity)]
+    pub queue_capacity: usize,
+    /// Most images in one request (413 beyond).
+    #[arg(long, env = "SWAV_MAX_IMAGES_PER_REQUEST", default_value_t = RequestLimits::default().max_images)]
+    pub max_images_per_request: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "SWAV_MAX_BODY_BYTES", default_value_t = RequestLimits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Images decoded concurrently. Default: the number of cores.
+    #[arg(long, env = "SWAV_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+    /// Require `Authorization: Bearer <KEY>` on /v1/* (health, ready and metrics stay open).
+    #[arg(long, env = "SWAV_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, env = "SWAV_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    pub shutdown_timeout_s: u64,
+}
+
+impl ServeArgs {
+    fn batcher_config(&self) -> BatcherConfig {
+        BatcherConfig {
+            max_batch_size: self.max_batch_size.max(1),
+            max_delay: Duration::from_micros(self.max_delay_us),
+            queue_capacity: self.queue_capacity.max(1),
+        }
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let workers = args.workers.max(1);
+    let (bundle, engine, options) = args.model.load(workers)?;
+    let engine = Arc::new(engine);
+    let metrics = Arc::new(Metrics::new());
+    metrics.execution_provider.with_label_values(&[engine.provider()]).set(1);
+    let batcher = Arc::new(Batcher::new(engine.clone(), workers, args.batcher_config(), metrics.clone()));
+    let preprocessor = Preprocessor::new(&bundle.manifest.input, args.model.decode_limits());
+    let info = model_info(&bundle.manifest, &engine, &options);
+    let mut state = AppState::new(info, preprocessor, batcher, metrics)
+        .with_limits(RequestLimits {
+            max_images: args.max_images_per_request.max(1),
+            max_body_bytes: args.max_body_bytes,
+        })
+        .with_api_key(args.api_key.clone());
+    if let Some(n) = args.decode_threads {
+        state = state.with_decode_threads(n);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("swav-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args, state, engine))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn model_info(manifest: &crate::bundle::Manifest, engine: &Engine, options: &EngineOptions) -> ModelInfo {
+    ModelInfo {
+        manifest: manifest.clone(),
+        provider: engine.provider().to_string(),
+        device: options.device.to_string(),
+        intra_threads: options.intra_threads,
+    }
+}
+
+async fn serve(args: ServeArgs, state: AppState, engine: Arc<Engine>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("cannot read the bound address")?;
+    // Tests and scripts read this line to find a port-0 server.
+    println!("listening on {addr}");
+    tracing::info!(%addr, auth = state.api_key.is_some(), "listening");
+
+    let warm_state = state.clone();
+    let max_batch = args.max_batch_size;
+    let warm_up = tokio::task::spawn_blocking(move || engine.warm_up(max_batch));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let app = http::router(state);
+    let mut graceful_rx = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful_rx.wait_for(|stop| *stop).await;
+        tracing::info!("shutting down: finishing in-flight requests");
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    match warm_up.await {
+        Ok(Ok(())) => {
+            warm_state.mark_ready();
+            tracing::info!("model warmed up; ready");
+        }
+        Ok(Err(e)) => anyhow::bail!("model warm-up failed: {e}"),
+        Err(e) => anyhow::bail!("model warm-up task failed: {e}"),
+    }
+
+    let timeout = Duration::from_secs(args.shutdown_timeout_s);
+    let mut deadline_rx = stop_rx;
+    tokio::select! {
+        result = server => {
+            result.context("server task failed")?.context("server error")?;
+            tracing::info!("stopped");
+        }
+        _ = async {
+            let _ = deadline_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(timeout).await;
+        } => {
+            tracing::warn!(timeout_s = args.shutdown_timeout_s, "shutdown timeout reached; abandoning unfinished requests");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

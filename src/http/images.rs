@@ -1,0 +1,98 @@
+//! `/v1/embed` and `/v1/assign`: read images, preprocess them on the decode pool, batch them.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use futures::future::try_join_all;
+use serde::Deserialize;
+
+use super::AppState;
+use super::error::ApiError;
+use super::input::read_images;
+use super::responses::{self, AssignOptions, AssignResponse, EmbedResponse, OutputKind};
+use crate::engine::ImageOutput;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedQuery {
+    output: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignQuery {
+    top_k: Option<usize>,
+    temperature: Option<f64>,
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v).map_err(|e| ApiError::invalid_params(e.body_text()))
+}
+
+pub async fn embed(
+    State(state): State<AppState>,
+    q: Result<Query<EmbedQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Json<EmbedResponse>, ApiError> {
+    let q = query(q)?;
+    let kind = OutputKind::parse(q.output.as_deref()).map_err(ApiError::invalid_params)?;
+    let outputs = infer_request(&state, req).await?;
+    Ok(Json(responses::embed_response(&state.model.manifest, kind, &outputs)))
+}
+
+pub async fn assign(
+    State(state): State<AppState>,
+    q: Result<Query<AssignQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Json<AssignResponse>, ApiError> {
+    let q = query(q)?;
+    let options = AssignOptions::new(q.top_k, q.temperature, state.model.manifest.num_prototypes)
+        .map_err(ApiError::invalid_params)?;
+    let outputs = infer_request(&state, req).await?;
+    Ok(Json(responses::assign_response(&state.model.manifest, options, &outputs)))
+}
+
+/// Every image of the request through preprocess and the batcher, outputs in input order.
+pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOutput>, ApiError> {
+    let images = read_images(req, state.limits.max_images).await?;
+    infer_images(state, images).await
+}
+
+/// Preprocesses and infers already-read images; the first failure fails the whole request and
+/// withdraws its other images from the queue.
+pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<ImageOutput>, ApiError> {
+    try_join_all(images.into_iter().enumerate().map(|(i, bytes)| async move {
+        let tensor = prepare(state, i, bytes).await?;
+        state.batcher.submit(tensor).await.map_err(ApiError::from)
+    }))
+    .await
+}
+
+/// Decodes on the bounded blocking pool so the async runtime never decodes.
+async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32>, ApiError> {
+    let _permit = state
+        .decode_permits
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("decode pool closed"))?;
+    let preprocessor = state.preprocessor.clone();
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
+        .await
+        .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?;
+    let metrics = &state.metrics;
+    metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(tensor) => {
+            metrics.images_decoded.inc();
+            Ok(tensor)
+        }
+        Err(e) => {
+            metrics.images_rejected.with_label_values(&[e.code()]).inc();
+            Err(ApiError::from_preprocess(index, &e))
+        }
+    }
+}

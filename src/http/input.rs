@@ -1,0 +1,159 @@
+//! The three ways a request carries images: a raw body, multipart file parts, or JSON base64.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{StatusCode, header};
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::error::ApiError;
+
+const ACCEPTED: &str = "send image/* or application/octet-stream (one image), multipart/form-data (file parts) \
+                        or application/json {\"images\": [base64, ...]}";
+
+/// Reads the images from any accepted request form, in input order, enforcing `max_images`.
+pub async fn read_images(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let images = match content_type.as_deref() {
+        None | Some("") => return Err(ApiError::unsupported_media_type(format!("missing Content-Type; {ACCEPTED}"))),
+        Some("multipart/form-data") => read_multipart(req, max_images).await?,
+        Some("application/json") => read_json(req, max_images).await?,
+        Some(t) if t.starts_with("image/") || t == "application/octet-stream" => vec![read_body(req).await?],
+        Some(other) => {
+            return Err(ApiError::unsupported_media_type(format!(
+                "Content-Type {other} is not accepted; {ACCEPTED}"
+            )));
+        }
+    };
+    if images.len() > max_images {
+        return Err(too_many(images.len(), max_images));
+    }
+    Ok(images)
+}
+
+fn too_many(got: usize, max: usize) -> ApiError {
+    ApiError::too_large(
+        "too_many_images",
+        format!("the request has {got} images, over the limit of {max} per request"),
+    )
+}
+
+fn body_error(status: StatusCode, detail: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large("body_too_large", format!("the request body is over the size limit: {detail}"))
+    } else {
+        ApiError::bad_request("bad_body", format!("could not read the request body: {detail}"))
+    }
+}
+
+async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, &())
+        .await
+        .map_err(|e| body_error(e.status(), e.body_text()))
+}
+
+async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
+    let mut multipart = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))?;
+    let mut images = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e.status(), e.body_text())),
+        };
+        let is_file = field.file_name().is_some()
+            || field
+                .content_type()
+                .is_some_and(|t| t.starts_with("image/") || t == "application/octet-stream");
+        if !is_file {
+            continue;
+        }
+        if images.len() == max_images {
+            return Err(too_many(max_images + 1, max_images));
+        }
+        let data = field.bytes().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
+        images.push(data);
+    }
+    if images.is_empty() {
+        return Err(ApiError::bad_request(
+            "no_images",
+            "the multipart body has no file parts (give each image a filename or an image/* content type)",
+        ));
+    }
+    Ok(images)
+}
+
+fn multipart_error(status: StatusCode, detail: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        body_error(status, detail)
+    } else {
+        ApiError::bad_request("bad_multipart", format!("malformed multipart body: {detail}"))
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonImages {
+    images: Vec<String>,
+}
+
+async fn read_json(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
+    let body = read_body(req).await?;
+    let parsed: JsonImages = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("expected {{\"images\": [base64, ...]}}: {e}"),
+            )
+        } else {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        }
+    })?;
+    if parsed.images.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "\"images\" must hold at least one base64 image",
+        ));
+    }
+    if parsed.images.len() > max_images {
+        return Err(too_many(parsed.images.len(), max_images));
+    }
+    parsed
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, s)| decode_base64(s).map(Bytes::from).map_err(|e| {
+            ApiError::bad_request("invalid_base64", format!("image {i}: not valid base64: {e}"))
+        }))
+        .collect()
+}
+
+/// Standard base64, optionally as a `data:...;base64,` URL, whitespace ignored.
+fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    let payload = match s.strip_prefix("data:") {
+        Some(rest) => rest.split_once(";base64,").map_or(rest, |(_, p)| p),
+        None => s,
+    };
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(compact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_base64;
+
+    #[test]
+    fn base64_accepts_data_urls_and_whitespace() {
+        assert_eq!(decode_base64("aGk=").expect("plain"), b"hi");
+        assert_eq!(decode_base64("data:image/png;base64,aGk=").expect("data url"), b"hi");
+        assert_eq!(decode_base64("aG\nk=").expect("newline"), b"hi");
+        assert!(decode_base64("!!!").is_err());
+    }
+}
