@@ -9,6 +9,7 @@
 //! once their insert has finished.
 
 mod codec;
+mod collector;
 mod error;
 mod graph;
 mod snapshot;
@@ -32,6 +33,7 @@ use graph::GraphParams;
 use store::State;
 use wal::{Op, Wal};
 
+pub use collector::IndexCollector;
 pub use error::IndexError;
 pub use wal::TornTail;
 
@@ -235,6 +237,22 @@ impl Index {
             _lock: lock,
         };
         Ok(Index { inner: Arc::new(inner) })
+    }
+
+    /// Opens an existing index with the model identity it records (for tools that need no
+    /// model: stats, compaction). Fails if `dir` holds no index.
+    pub fn open(dir: &Path, opts: IndexOptions) -> Result<Index, IndexError> {
+        let path = dir.join(IDENTITY_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(IndexError::InvalidInput(format!("{} holds no index (no {IDENTITY_FILE})", dir.display())));
+            }
+            Err(e) => return Err(IndexError::io("cannot read", &path)(e)),
+        };
+        let file: IdentityFile = serde_json::from_slice(&bytes)
+            .map_err(|e| IndexError::corrupt(&path, format!("unreadable identity file: {e}")))?;
+        Index::open_or_create(dir, file.model, opts)
     }
 
     pub fn identity(&self) -> &ModelIdentity {
@@ -592,7 +610,8 @@ fn validate_options(identity: &ModelIdentity, opts: &IndexOptions) -> Result<(),
     Ok(())
 }
 
-fn check_id(id: &str) -> Result<(), IndexError> {
+/// Whether `id` is acceptable as an item id (so callers can refuse before expensive work).
+pub fn check_id(id: &str) -> Result<(), IndexError> {
     if id.is_empty() || id.len() > MAX_ID_BYTES {
         return Err(IndexError::InvalidInput(format!(
             "item ids must be 1 to {MAX_ID_BYTES} bytes long (got {} bytes)",
