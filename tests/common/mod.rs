@@ -141,6 +141,7 @@ pub struct ServerConfig {
     pub decode: DecodeLimits,
     pub api_key: Option<String>,
     pub ready: bool,
+    pub index: Option<swav::index::Index>,
 }
 
 impl Default for ServerConfig {
@@ -154,6 +155,7 @@ impl Default for ServerConfig {
             decode: DecodeLimits::default(),
             api_key: None,
             ready: true,
+            index: None,
         }
     }
 }
@@ -169,9 +171,12 @@ pub async fn start_in_process(bundle: &Bundle, runner: Arc<dyn BatchRunner>, cfg
         device: "cpu".into(),
         intra_threads: 1,
     };
-    let state = AppState::new(info, Preprocessor::new(&bundle.manifest.input, cfg.decode), batcher, metrics)
+    let mut state = AppState::new(info, Preprocessor::new(&bundle.manifest.input, cfg.decode), batcher, metrics)
         .with_limits(cfg.limits)
         .with_api_key(cfg.api_key);
+    if let Some(index) = cfg.index {
+        state = state.with_index(index);
+    }
     if cfg.ready {
         state.mark_ready();
     }
