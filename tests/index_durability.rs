@@ -219,3 +219,13 @@ fn a_snapshot_with_tombstones_reopens_with_its_stored_graph() {
     assert_eq!(index.len(), 290);
     assert_finds_itself(&index, &data, 10..300, "t");
 }
+
+#[test]
+fn an_empty_index_snapshots_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).close().unwrap();
+    let index = open(dir.path());
+    assert!(index.is_empty());
+    index.add(items(&clustered(3, 1, 0.5, 20), "e")).unwrap();
+    assert_eq!(index.len(), 3);
+}

@@ -83,6 +83,9 @@ fn sync_file(path: &Path) -> Result<(), IndexError> {
 
 /// Dumps the graph next to the items, with checksums, and fsyncs every file.
 fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
+    if graph.len() == 0 {
+        return Ok(()); // hnsw_rs cannot dump an empty graph, and there is nothing to save
+    }
     graph.dump(dir, GRAPH_BASENAME).map_err(|e| IndexError::Io {
         context: "cannot dump graph into",
         path: dir.to_path_buf(),
@@ -103,6 +106,9 @@ fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
 
 /// The graph stored with a snapshot, if it is whole and has one point per slot.
 pub(crate) fn load_graph(snapshot_dir: &Path, slots: usize) -> Option<Graph> {
+    if slots == 0 {
+        return None;
+    }
     let result = (|| -> Result<Graph, String> {
         let text = fs::read(snapshot_dir.join(GRAPH_MANIFEST)).map_err(|e| format!("no graph manifest: {e}"))?;
         let m: GraphManifest = serde_json::from_slice(&text).map_err(|e| format!("bad graph manifest: {e}"))?;
