@@ -4,7 +4,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{InProcess, ServerConfig};
+use common::{InProcess, ServerConfig, call};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use swav::index::{Index, IndexOptions, ModelIdentity};
@@ -38,14 +38,6 @@ async fn server_with_index(dir: &std::path::Path, api_key: Option<&str>) -> InPr
     common::start_in_process(&bundle, common::engine(&bundle), cfg).await
 }
 
-/// Sends a request; returns (status, JSON body) after checking the body against openapi.yaml.
-async fn call(req: reqwest::RequestBuilder, path: &str, method: &str) -> (u16, Value) {
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.expect("JSON body");
-    common::check_response(&common::openapi(), path, method, status, &body);
-    (status, body)
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()

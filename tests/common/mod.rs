@@ -268,6 +268,15 @@ pub fn openapi() -> Value {
     serde_yaml::from_str(&text).expect("openapi.yaml is valid YAML")
 }
 
+/// Sends a request and returns (status, JSON body), checking the body against openapi.yaml.
+pub async fn call(req: reqwest::RequestBuilder, path: &str, method: &str) -> (u16, Value) {
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("JSON body");
+    check_response(&openapi(), path, method, status, &body);
+    (status, body)
+}
+
 /// Validates a JSON body against the schema documented for `path`/`method`/`status`.
 pub fn check_response(spec: &Value, path: &str, method: &str, status: u16, body: &Value) {
     let responses = &spec["paths"][path][method]["responses"];
