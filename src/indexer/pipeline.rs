@@ -83,17 +83,19 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
         });
         scope.spawn(move || {
             pool.install(|| {
-                raw_rx.into_iter().par_bridge().for_each(|(s, bytes)| {
+                // Stops at the first failed send (inference gave up), which in turn stops the reader.
+                let _ = raw_rx.into_iter().par_bridge().try_for_each(|(s, bytes)| {
                     let r = bytes.map_err(|e| format!("cannot read: {e}")).and_then(|b| embedder.prepare(&b));
-                    let _ = dec_tx.send((s, r));
-                })
+                    dec_tx.send((s, r)).map_err(|_| ())
+                });
             })
         });
         let writer = scope.spawn(|| write_batches(index, add_rx, &progress));
         let inferred = infer(dec_rx, embedder, batch_size, add_tx, &progress);
-        let written = writer.join().map_err(|_| anyhow::anyhow!("index writer panicked"))?;
+        // The writer's error first: when it fails, inference only sees a closed channel.
+        let written = writer.join().map_err(|_| anyhow::anyhow!("index writer panicked"))??;
         let (rejected, _) = inferred?;
-        anyhow::Ok((written?, rejected))
+        anyhow::Ok((written, rejected))
     })?;
     progress.finish_and_clear();
     Ok(BuildReport { files, indexed, already_present, rejected, seconds: started.elapsed().as_secs_f64() })
@@ -172,4 +174,66 @@ fn write_batches(index: &Index, rx: Receiver<Vec<NewItem>>, progress: &ProgressB
         progress.inc(n as u64);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{IndexOptions, ModelIdentity};
+
+    /// Files hold a number n; the "model" maps it to a 2-d vector; b"bad" does not decode.
+    struct Fake {
+        fail_embed: bool,
+    }
+
+    impl Embedder for Fake {
+        fn tensor_len(&self) -> usize {
+            1
+        }
+        fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
+            std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<f32>().ok()).map(|n| vec![n]).ok_or("not a number".into())
+        }
+        fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
+            anyhow::ensure!(!self.fail_embed, "model exploded");
+            Ok(batch[..n].iter().map(|&x| Embedded { vector: vec![1.0, x], cluster: x as u32 % 3 }).collect())
+        }
+    }
+
+    fn setup(n: usize) -> (tempfile::TempDir, Vec<Source>, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sources = Vec::new();
+        for i in 0..n {
+            let path = dir.path().join(format!("{i}.txt"));
+            std::fs::write(&path, if i % 10 == 3 { "bad".to_string() } else { i.to_string() }).unwrap();
+            sources.push(Source { id: format!("{i}.txt"), path });
+        }
+        sources.push(Source { id: "gone".into(), path: dir.path().join("gone") });
+        let identity = ModelIdentity { name: "fake".into(), sha256: "0".repeat(64), dim: 2 };
+        let index = Index::open_or_create(&dir.path().join("index"), identity, IndexOptions::default()).unwrap();
+        (dir, sources, index)
+    }
+
+    #[test]
+    fn indexes_good_files_rejects_bad_ones_and_resumes() {
+        let (_dir, sources, index) = setup(50);
+        let opts = BuildOptions { batch_size: 8, threads: 2, progress: false };
+        let report = build(sources.clone(), &Fake { fail_embed: false }, &index, &opts).unwrap();
+        assert_eq!((report.files, report.indexed, report.already_present), (51, 45, 0));
+        let mut reasons: Vec<&str> = report.rejected.iter().map(|r| r.reason.as_str()).collect();
+        reasons.sort();
+        assert_eq!(reasons.len(), 6);
+        assert!(reasons[0].starts_with("cannot read") && reasons[1..].iter().all(|r| *r == "not a number"), "{reasons:?}");
+        assert_eq!(index.get("7.txt").unwrap().cluster, 1);
+        let again = build(sources, &Fake { fail_embed: false }, &index, &opts).unwrap();
+        assert_eq!((again.indexed, again.already_present, again.rejected.len()), (0, 45, 6));
+    }
+
+    #[test]
+    fn a_failing_model_stops_the_build_with_its_error() {
+        let (_dir, sources, index) = setup(500);
+        let opts = BuildOptions { batch_size: 4, threads: 2, progress: false };
+        let err = build(sources, &Fake { fail_embed: true }, &index, &opts).unwrap_err();
+        assert!(err.to_string().contains("model exploded"), "{err}");
+        assert!(index.is_empty());
+    }
 }
