@@ -181,6 +181,7 @@ fn sigkill_rounds_lose_no_acknowledged_write() {
         run_round(dir.path(), round, kill_after, &mut exp);
         sizes.push(verify(dir.path(), &mut exp, round));
     }
+    eprintln!("index size after each of {ROUNDS} kills: {sizes:?}; {} acknowledged deletes", exp.absent.len());
     assert!(exp.present.len() > 50, "children acknowledged too little to test anything: {sizes:?}");
     assert!(!exp.absent.is_empty(), "no delete was ever acknowledged: {sizes:?}");
 }
