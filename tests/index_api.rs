@@ -23,7 +23,7 @@ fn image(seed: u64) -> Vec<u8> {
             common::png(&image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([v]))))
         }
         _ => {
-            let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (x / (1 + seed as u32 % 5) + y) % 2 == 0 { 255 } else { 0 }]));
+            let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (x / (1 + seed as u32 % 5) + y).is_multiple_of(2) { 255 } else { 0 }]));
             common::png(&image::DynamicImage::ImageLuma8(img))
         }
     }

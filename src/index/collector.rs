@@ -7,17 +7,19 @@ use prometheus::{Counter, Gauge, Opts};
 
 use super::Index;
 
+/// Reads one number out of the stats.
+type Read = fn(&super::IndexStats) -> f64;
+
 pub struct IndexCollector {
     index: Index,
-    gauges: Vec<(Gauge, fn(&super::IndexStats) -> f64)>,
-    counters: Vec<(Counter, fn(&super::IndexStats) -> f64)>,
+    gauges: Vec<(Gauge, Read)>,
+    counters: Vec<(Counter, Read)>,
     descs: Vec<Desc>,
 }
 
 impl IndexCollector {
     /// Metric names get the registry's prefix (`swav_`).
     pub fn new(index: Index) -> prometheus::Result<IndexCollector> {
-        type Read = fn(&super::IndexStats) -> f64;
         let gauges: Vec<(&str, &str, Read)> = vec![
             ("index_items", "Live items in the index", |s| s.items as f64),
             ("index_tombstones", "Deleted or replaced items still in the graph until compaction", |s| s.tombstones as f64),

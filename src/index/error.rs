@@ -1,5 +1,15 @@
 use std::path::PathBuf;
 
+use super::ModelIdentity;
+
+/// Which model made the index, and which one tried to open it.
+#[derive(Debug)]
+pub struct ModelMismatch {
+    pub dir: PathBuf,
+    pub found: ModelIdentity,
+    pub want: ModelIdentity,
+}
+
 /// Everything that can go wrong in the index. Callers map `InvalidInput` to a client error;
 /// the others are the server's or the disk's fault.
 #[derive(Debug, thiserror::Error)]
@@ -9,19 +19,11 @@ pub enum IndexError {
     InvalidInput(String),
     /// The directory holds an index made by another model.
     #[error(
-        "index {dir} was built with model '{found_name}' (sha256 {found_sha}, dim {found_dim}), \
-         but model '{want_name}' (sha256 {want_sha}, dim {want_dim}) is loaded; \
-         use the matching bundle or another index directory"
+        "index {} was built with model '{}' (sha256 {}, dim {}), but model '{}' (sha256 {}, dim {}) is loaded; \
+         use the matching bundle or another index directory",
+        .0.dir.display(), .0.found.name, .0.found.sha256, .0.found.dim, .0.want.name, .0.want.sha256, .0.want.dim
     )]
-    ModelMismatch {
-        dir: PathBuf,
-        found_name: String,
-        found_sha: String,
-        found_dim: usize,
-        want_name: String,
-        want_sha: String,
-        want_dim: usize,
-    },
+    ModelMismatch(Box<ModelMismatch>),
     /// Data on disk is damaged in a way that cannot be a torn last write. Nothing was modified.
     #[error("index {path} is corrupt: {reason}; refusing to start so that nothing is overwritten")]
     Corrupt { path: PathBuf, reason: String },

@@ -34,7 +34,7 @@ use store::State;
 use wal::{Op, Wal};
 
 pub use collector::IndexCollector;
-pub use error::IndexError;
+pub use error::{IndexError, ModelMismatch};
 pub use wal::TornTail;
 
 const IDENTITY_FILE: &str = "index.json";
@@ -665,15 +665,11 @@ fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<(), IndexError
             }
             let found = file.model;
             if found.sha256 != identity.sha256 || found.name != identity.name || found.dim != identity.dim {
-                return Err(IndexError::ModelMismatch {
+                return Err(IndexError::ModelMismatch(Box::new(error::ModelMismatch {
                     dir: dir.to_path_buf(),
-                    found_name: found.name,
-                    found_sha: found.sha256,
-                    found_dim: found.dim,
-                    want_name: identity.name.clone(),
-                    want_sha: identity.sha256.clone(),
-                    want_dim: identity.dim,
-                });
+                    found,
+                    want: identity.clone(),
+                })));
             }
             Ok(())
         }

@@ -163,8 +163,11 @@ pub(crate) fn write(index_dir: &Path, seq: u64, enc: Encoder, graph: &Graph) -> 
     Ok(dest)
 }
 
-/// Snapshot directories by sequence number, oldest first, and leftovers of interrupted writes.
-fn list(index_dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<PathBuf>), IndexError> {
+/// Snapshot directories by sequence number, oldest first.
+type Snapshots = Vec<(u64, PathBuf)>;
+
+/// Snapshot directories, and leftovers of interrupted writes.
+fn list(index_dir: &Path) -> Result<(Snapshots, Vec<PathBuf>), IndexError> {
     let mut snaps = Vec::new();
     let mut partial = Vec::new();
     let entries = fs::read_dir(index_dir).map_err(IndexError::io("cannot list", index_dir))?;
