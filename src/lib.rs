@@ -4,6 +4,7 @@
 //! `http` and `indexer` also use `preprocess` and `index`; `metrics` is a leaf.
 pub mod bundle;
 pub mod cli;
+pub mod dataset;
 pub mod engine;
 pub mod http;
 pub mod index;

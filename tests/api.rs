@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{InProcess, ServerConfig};
+use common::{InProcess, ServerConfig, call};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use swav::engine::batcher::{BatchError, Batcher, BatcherConfig};
@@ -26,14 +26,6 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Sends a request and returns (status, JSON body), checking the body against openapi.yaml.
-async fn call(req: reqwest::RequestBuilder, path: &str, method: &str) -> (u16, Value) {
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.expect("JSON body");
-    common::check_response(&common::openapi(), path, method, status, &body);
-    (status, body)
-}
 
 async fn embed_raw(srv: &InProcess, bytes: Vec<u8>, query: &str) -> (u16, Value) {
     let req = reqwest::Client::new()
@@ -430,6 +422,14 @@ fn openapi_is_valid_and_documents_every_route() {
         ("/v1/embed", "post"),
         ("/v1/assign", "post"),
         ("/v1/model", "get"),
+        ("/v1/items", "post"),
+        ("/v1/items/{id}", "get"),
+        ("/v1/items/{id}", "delete"),
+        ("/v1/search", "post"),
+        ("/v1/clusters", "get"),
+        ("/v1/clusters/{id}/items", "get"),
+        ("/v1/index", "get"),
+        ("/v1/index/compact", "post"),
         ("/health", "get"),
         ("/ready", "get"),
         ("/metrics", "get"),

@@ -3,6 +3,8 @@
 //! Adding a subcommand: declare its module here, add a variant to [`Command`] and an arm in
 //! [`run`]. Every flag has a `SWAV_…` environment variable fallback.
 
+mod dataset;
+mod index;
 mod logging;
 mod model;
 mod oneshot;
@@ -37,6 +39,10 @@ pub enum Command {
     Embed(oneshot::EmbedArgs),
     /// Print prototype assignments of image files as JSON (the body `POST /v1/assign` would return).
     Assign(oneshot::AssignArgs),
+    /// Build, inspect, search and compact a nearest-neighbour index of images.
+    Index(index::IndexArgs),
+    /// Export datasets as image folders (Fashion-MNIST as PNGs by class).
+    Dataset(dataset::DatasetArgs),
     /// Train a model with the Python trainer (arguments after the launcher's own go to `swav_train train`).
     Train(train::TrainArgs),
 }
@@ -46,6 +52,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(args),
         Command::Embed(args) => oneshot::embed(args),
         Command::Assign(args) => oneshot::assign(args),
+        Command::Index(args) => index::run(args),
+        Command::Dataset(args) => dataset::run(args),
         Command::Train(args) => train::run(args),
     }
 }

@@ -62,7 +62,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn infer_files(model: &ModelArgs, files: &[PathBuf]) -> anyhow::Result<(crate::bundle::Bundle, Vec<ImageOutput>)> {
+pub(super) fn infer_files(model: &ModelArgs, files: &[PathBuf]) -> anyhow::Result<(crate::bundle::Bundle, Vec<ImageOutput>)> {
     let (bundle, engine, _) = model.load(1)?;
     let preprocessor = Preprocessor::new(&bundle.manifest.input, model.decode_limits());
     let tensors = prepare_files(&preprocessor, files)?;

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <KEY>` on /v1/* (health, ready and metrics stay open).
     #[arg(long, env = "SWAV_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Nearest-neighbour index directory (created if missing); enables /v1/items, /v1/search
+    /// and /v1/clusters. It must have been built with the same model.
+    #[arg(long, env = "SWAV_INDEX", value_name = "DIR")]
+    pub index: Option<std::path::PathBuf>,
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, env = "SWAV_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
@@ -81,12 +85,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.decode_threads {
         state = state.with_decode_threads(n);
     }
+    let index = match &args.index {
+        Some(dir) => Some(super::index::open_for_model(dir, &bundle)?),
+        None => None,
+    };
+    if let Some(index) = &index {
+        state = state.with_index(index.clone());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("swav-http")
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(args, state, engine))?;
+    if let Some(index) = index {
+        // Not needed for safety (the log has every write); it makes the next start replay nothing.
+        index.snapshot().context("cannot snapshot the index at shutdown")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

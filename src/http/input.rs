@@ -136,7 +136,7 @@ async fn read_json(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiErr
 }
 
 /// Standard base64, optionally as a `data:...;base64,` URL, whitespace ignored.
-fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+pub fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
     let payload = match s.strip_prefix("data:") {
         Some(rest) => rest.split_once(";base64,").map_or(rest, |(_, p)| p),
         None => s,

@@ -9,6 +9,7 @@
 pub mod error;
 pub mod images;
 pub mod input;
+pub mod items;
 pub mod middleware;
 pub mod ops;
 pub mod responses;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Bounds concurrent image decodes (the CPU pool).
     pub decode_permits: Arc<Semaphore>,
+    /// The nearest-neighbour index (`--index`); without it the index routes answer 404.
+    pub index: Option<Arc<items::IndexHandle>>,
 }
 
 impl AppState {
@@ -85,7 +88,14 @@ impl AppState {
             limits: RequestLimits::default(),
             api_key: None,
             decode_permits: Arc::new(Semaphore::new(cores)),
+            index: None,
         }
+    }
+
+    /// Serves `index` on the index routes and exports its metrics.
+    pub fn with_index(mut self, index: crate::index::Index) -> AppState {
+        self.index = Some(Arc::new(items::IndexHandle::new(index, &self.metrics)));
+        self
     }
 
     pub fn with_limits(mut self, limits: RequestLimits) -> AppState {
@@ -115,6 +125,13 @@ fn v1_routes() -> Router<AppState> {
         .route("/v1/embed", post(images::embed))
         .route("/v1/assign", post(images::assign))
         .route("/v1/model", get(ops::model))
+        .route("/v1/items", post(items::add_items))
+        .route("/v1/items/{*id}", get(items::get_item).delete(items::delete_item))
+        .route("/v1/search", post(items::search))
+        .route("/v1/clusters", get(items::clusters))
+        .route("/v1/clusters/{id}/items", get(items::cluster_items))
+        .route("/v1/index", get(items::stats))
+        .route("/v1/index/compact", post(items::compact))
 }
 
 /// The whole API.

@@ -141,6 +141,7 @@ pub struct ServerConfig {
     pub decode: DecodeLimits,
     pub api_key: Option<String>,
     pub ready: bool,
+    pub index: Option<swav::index::Index>,
 }
 
 impl Default for ServerConfig {
@@ -154,6 +155,7 @@ impl Default for ServerConfig {
             decode: DecodeLimits::default(),
             api_key: None,
             ready: true,
+            index: None,
         }
     }
 }
@@ -169,9 +171,12 @@ pub async fn start_in_process(bundle: &Bundle, runner: Arc<dyn BatchRunner>, cfg
         device: "cpu".into(),
         intra_threads: 1,
     };
-    let state = AppState::new(info, Preprocessor::new(&bundle.manifest.input, cfg.decode), batcher, metrics)
+    let mut state = AppState::new(info, Preprocessor::new(&bundle.manifest.input, cfg.decode), batcher, metrics)
         .with_limits(cfg.limits)
         .with_api_key(cfg.api_key);
+    if let Some(index) = cfg.index {
+        state = state.with_index(index);
+    }
     if cfg.ready {
         state.mark_ready();
     }
@@ -261,6 +266,15 @@ impl Drop for Spawned {
 pub fn openapi() -> Value {
     let text = std::fs::read_to_string(repo().join("openapi.yaml")).expect("read openapi.yaml");
     serde_yaml::from_str(&text).expect("openapi.yaml is valid YAML")
+}
+
+/// Sends a request and returns (status, JSON body), checking the body against openapi.yaml.
+pub async fn call(req: reqwest::RequestBuilder, path: &str, method: &str) -> (u16, Value) {
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("JSON body");
+    check_response(&openapi(), path, method, status, &body);
+    (status, body)
 }
 
 /// Validates a JSON body against the schema documented for `path`/`method`/`status`.

@@ -1,0 +1,200 @@
+//! `swav index build|stats|search|compact`: the batch indexer and offline index tools.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use super::ModelArgs;
+use crate::bundle::Bundle;
+use crate::engine::Engine;
+use crate::http::items::cluster_of;
+use crate::index::{Index, IndexOptions, ModelIdentity};
+use crate::indexer::{self, BuildOptions, BuildReport, Embedded, Embedder};
+use crate::preprocess::Preprocessor;
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    #[command(subcommand)]
+    pub command: IndexCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Embed a folder (or a list) of images into an index; a rerun adds only what is missing.
+    Build(BuildArgs),
+    /// Print the index's counts, clusters and model as JSON.
+    Stats(DirArgs),
+    /// Print the nearest indexed items of image files as JSON ({"results": [[...], ...]}).
+    Search(SearchArgs),
+    /// Rebuild the graph without deleted items and write a snapshot.
+    Compact(DirArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image folder (walked recursively; ids are paths relative to it) or a text file listing
+    /// image paths, one per line, relative to the file.
+    #[arg(long, env = "SWAV_INDEX_INPUT", value_name = "DIR|FILELIST")]
+    pub input: PathBuf,
+    /// Index directory (created if missing).
+    #[arg(long, env = "SWAV_INDEX_OUT", value_name = "INDEX_DIR")]
+    pub out: PathBuf,
+    /// Images per inference batch.
+    #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 64)]
+    pub batch_size: usize,
+    /// Decoding threads. Default: the number of cores.
+    #[arg(long, env = "SWAV_INDEX_THREADS")]
+    pub threads: Option<usize>,
+    /// Do not draw the progress bar.
+    #[arg(long, env = "SWAV_NO_PROGRESS")]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DirArgs {
+    /// Index directory.
+    #[arg(value_name = "INDEX_DIR")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Index directory.
+    #[arg(value_name = "INDEX_DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Neighbours per image.
+    #[arg(long, env = "SWAV_SEARCH_K", default_value_t = 10)]
+    pub k: usize,
+    /// Search breadth (default: the index's ef_search).
+    #[arg(long, env = "SWAV_SEARCH_EF")]
+    pub ef: Option<usize>,
+    /// Only return items of this cluster.
+    #[arg(long, env = "SWAV_SEARCH_CLUSTER")]
+    pub cluster: Option<u32>,
+    /// Image files.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        IndexCommand::Build(a) => build(a),
+        IndexCommand::Stats(a) => {
+            let index = open_existing(&a.dir)?;
+            print_json(&index.stats())
+        }
+        IndexCommand::Search(a) => search(a),
+        IndexCommand::Compact(a) => {
+            let report = open_existing(&a.dir)?.compact().with_context(|| format!("cannot compact {}", a.dir.display()))?;
+            print_json(&report)
+        }
+    }
+}
+
+/// Opens (or creates) the index for this bundle's model; refuses one made by another model.
+pub fn open_for_model(dir: &Path, bundle: &Bundle) -> anyhow::Result<Index> {
+    let m = &bundle.manifest;
+    let identity = ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim };
+    Index::open_or_create(dir, identity, IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
+}
+
+fn open_existing(dir: &Path) -> anyhow::Result<Index> {
+    Index::open(dir, IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value).context("cannot serialise the result")?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The bundle's preprocessing and engine, as the indexer sees them.
+struct ModelEmbedder {
+    preprocessor: Preprocessor,
+    engine: Engine,
+}
+
+impl Embedder for ModelEmbedder {
+    fn tensor_len(&self) -> usize {
+        self.preprocessor.tensor_len()
+    }
+
+    fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
+        self.preprocessor.prepare(bytes).map_err(|e| e.to_string())
+    }
+
+    fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
+        let outputs = self.engine.run(batch, n)?;
+        Ok(outputs.into_images().into_iter().map(|o| Embedded { cluster: cluster_of(&o), vector: o.embedding }).collect())
+    }
+}
+
+fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let sources = indexer::list(&args.input)?;
+    let (bundle, engine, _) = args.model.load(1)?;
+    let index = open_for_model(&args.out, &bundle)?;
+    let embedder = ModelEmbedder { preprocessor: Preprocessor::new(&bundle.manifest.input, args.model.decode_limits()), engine };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = BuildOptions { batch_size: args.batch_size, threads: args.threads.unwrap_or(cores), progress: !args.no_progress };
+    let report = indexer::build(sources, &embedder, &index, &opts)?;
+    index.close().with_context(|| format!("cannot snapshot index {}", args.out.display()))?;
+    let rejected_path = args.out.join("rejected.tsv");
+    write_rejected(&rejected_path, &report)?;
+    summarise(&report, &rejected_path);
+    println!("{}", serde_json::json!({
+        "files": report.files,
+        "indexed": report.indexed,
+        "already_present": report.already_present,
+        "rejected": report.rejected.len(),
+        "seconds": report.seconds,
+        "images_per_second": report.indexed as f64 / report.seconds.max(1e-9),
+    }));
+    if report.indexed == 0 && report.already_present == 0 {
+        eprintln!("error: nothing could be indexed from {}", args.input.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summarise(report: &BuildReport, rejected_path: &Path) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "indexed {} images in {:.1}s ({:.0}/s), {} already present, {} rejected",
+        report.indexed,
+        report.seconds,
+        report.indexed as f64 / report.seconds.max(1e-9),
+        report.already_present,
+        report.rejected.len()
+    );
+    if !report.rejected.is_empty() {
+        let _ = writeln!(err, "rejected files and reasons: {}", rejected_path.display());
+    }
+}
+
+/// `path<TAB>reason` per rejected file; tabs and newlines inside a field become spaces.
+fn write_rejected(path: &Path, report: &BuildReport) -> anyhow::Result<()> {
+    let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+    let mut text = String::from("path\treason\n");
+    for r in &report.rejected {
+        text.push_str(&format!("{}\t{}\n", clean(&r.path.to_string_lossy()), clean(&r.reason)));
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
+    let bundle = args.model.load_bundle()?;
+    let index = open_for_model(&args.dir, &bundle)?;
+    let (_, outputs) = super::oneshot::infer_files(&args.model, &args.files)?;
+    let results = outputs
+        .iter()
+        .map(|o| index.search(&o.embedding, args.k, args.ef, args.cluster))
+        .collect::<Result<Vec<_>, _>>()?;
+    print_json(&serde_json::json!({ "results": results }))
+}

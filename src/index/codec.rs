@@ -1,0 +1,145 @@
+//! The binary layout of one item, shared by the log and the snapshots.
+//!
+//! All integers are little-endian. An item is:
+//! `id_len u32 | id utf-8 | cluster u32 | meta_len u32 (u32::MAX = none) | meta json | dim × f32`.
+
+use serde_json::Value;
+
+/// An item as it is written to disk.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ItemRecord {
+    pub id: String,
+    pub cluster: u32,
+    pub metadata: Option<Value>,
+    pub vector: Vec<f32>,
+}
+
+const NO_METADATA: u32 = u32::MAX;
+
+pub(crate) fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, s.len() as u32);
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub(crate) fn put_item(out: &mut Vec<u8>, item: &ItemRecord) {
+    put_item_parts(out, &item.id, item.cluster, item.metadata.as_ref(), &item.vector);
+}
+
+pub(crate) fn put_item_parts(out: &mut Vec<u8>, id: &str, cluster: u32, metadata: Option<&Value>, vector: &[f32]) {
+    put_str(out, id);
+    put_u32(out, cluster);
+    match metadata {
+        None => put_u32(out, NO_METADATA),
+        Some(v) => {
+            // Serialising a `Value` cannot fail: its keys are always strings.
+            let bytes = serde_json::to_vec(v).unwrap_or_default();
+            put_u32(out, bytes.len() as u32);
+            out.extend_from_slice(&bytes);
+        }
+    }
+    out.reserve(vector.len() * 4);
+    for x in vector {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// A bounds-checked reader; every error names what it was reading.
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    pub fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        let end = end.ok_or_else(|| format!("{what} runs past the end of the data"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    pub fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.bytes(1, what)?[0])
+    }
+
+    pub fn u32(&mut self, what: &str) -> Result<u32, String> {
+        let b = self.bytes(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn u64(&mut self, what: &str) -> Result<u64, String> {
+        let b = self.bytes(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    pub fn string(&mut self, what: &str) -> Result<String, String> {
+        let n = self.u32(what)? as usize;
+        let b = self.bytes(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    pub fn item(&mut self, dim: usize) -> Result<ItemRecord, String> {
+        let id = self.string("item id")?;
+        let cluster = self.u32("item cluster")?;
+        let meta_len = self.u32("metadata length")?;
+        let metadata = if meta_len == NO_METADATA {
+            None
+        } else {
+            let b = self.bytes(meta_len as usize, "metadata")?;
+            Some(serde_json::from_slice(b).map_err(|e| format!("metadata of '{id}' is not JSON: {e}"))?)
+        };
+        let raw = self.bytes(dim * 4, "vector")?;
+        let vector = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(ItemRecord { id, cluster, metadata, vector })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_round_trips_with_and_without_metadata() {
+        let items = [
+            ItemRecord { id: "a/b.png".into(), cluster: 7, metadata: None, vector: vec![0.5, -1.0, 2.0] },
+            ItemRecord {
+                id: "ü".into(),
+                cluster: 0,
+                metadata: Some(serde_json::json!({"k": [1, 2]})),
+                vector: vec![0.0, 1.0, 0.0],
+            },
+        ];
+        let mut buf = Vec::new();
+        for it in &items {
+            put_item(&mut buf, it);
+        }
+        let mut r = Reader::new(&buf);
+        assert_eq!(r.item(3).unwrap(), items[0]);
+        assert_eq!(r.item(3).unwrap(), items[1]);
+        assert!(r.is_empty());
+        assert!(Reader::new(&buf[..buf.len() - 1]).item(3).is_ok());
+        let mut short = Reader::new(&buf[..5]);
+        assert!(short.item(3).unwrap_err().contains("past the end"));
+    }
+}

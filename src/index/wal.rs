@@ -1,0 +1,284 @@
+//! The append-only log. Every acknowledged write is one record here, fsync'd before the
+//! caller hears back.
+//!
+//! A record is a 12-byte header `payload_len u32 | payload_crc u32 | header_crc u32`
+//! followed by the payload `seq u64 | op u8 | body`. The header has its own checksum so
+//! that a damaged length in the middle of the log cannot pass for a torn last record.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::codec::{ItemRecord, Reader, put_item, put_str, put_u32, put_u64};
+use super::error::IndexError;
+
+const HEADER_LEN: usize = 12;
+/// A length above this cannot come from us, so such a header is damage, not a big write.
+const MAX_PAYLOAD: u32 = 1 << 30;
+const OP_ADD: u8 = 1;
+const OP_DELETE: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Op {
+    Add(Vec<ItemRecord>),
+    Delete(String),
+}
+
+/// What recovery dropped from the end of the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TornTail {
+    pub offset: u64,
+    pub bytes: u64,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Scan {
+    pub records: Vec<(u64, Op)>,
+    pub good_len: u64,
+    pub torn: Option<TornTail>,
+}
+
+pub(crate) struct Wal {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    poisoned: bool,
+}
+
+impl Wal {
+    /// Opens (or creates) the log, reads every record, and cuts a torn tail off the file.
+    pub fn open(path: &Path, dim: usize) -> Result<(Wal, Scan), IndexError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(IndexError::io("cannot open log", path))?;
+        let mut buf = Vec::new();
+        (&file).read_to_end(&mut buf).map_err(IndexError::io("cannot read log", path))?;
+        let scan = scan(&buf, path, dim)?;
+        if scan.torn.is_some() {
+            file.set_len(scan.good_len).map_err(IndexError::io("cannot truncate torn log", path))?;
+            file.sync_all().map_err(IndexError::io("cannot fsync log", path))?;
+        }
+        let wal = Wal { path: path.to_path_buf(), file, len: scan.good_len, poisoned: false };
+        Ok((wal, scan))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends one record and fsyncs it. On failure the file is cut back to its previous
+    /// length so that a half-written record never sits in front of later ones.
+    pub fn append(&mut self, seq: u64, op: &Op) -> Result<(), IndexError> {
+        if self.poisoned {
+            return Err(IndexError::Poisoned(self.path.clone()));
+        }
+        let frame = encode(seq, op)?;
+        let result = self
+            .file
+            .write_all_at(&frame, self.len)
+            .and_then(|()| self.file.sync_data())
+            .map_err(IndexError::io("cannot append to log", &self.path));
+        match result {
+            Ok(()) => {
+                self.len += frame.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let rolled_back = self.file.set_len(self.len).and_then(|()| self.file.sync_data());
+                if rolled_back.is_err() {
+                    self.poisoned = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties the log once a snapshot holds everything in it.
+    pub fn reset(&mut self) -> Result<(), IndexError> {
+        let r = self.file.set_len(0).and_then(|()| self.file.sync_data());
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r.map_err(IndexError::io("cannot truncate log", &self.path))?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+fn encode(seq: u64, op: &Op) -> Result<Vec<u8>, IndexError> {
+    let mut payload = Vec::with_capacity(64);
+    put_u64(&mut payload, seq);
+    match op {
+        Op::Add(items) => {
+            payload.push(OP_ADD);
+            put_u32(&mut payload, items.len() as u32);
+            for it in items {
+                put_item(&mut payload, it);
+            }
+        }
+        Op::Delete(id) => {
+            payload.push(OP_DELETE);
+            put_str(&mut payload, id);
+        }
+    }
+    if payload.len() > MAX_PAYLOAD as usize {
+        return Err(IndexError::InvalidInput(format!(
+            "one write may hold at most {MAX_PAYLOAD} bytes; split the batch"
+        )));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    put_u32(&mut frame, payload.len() as u32);
+    put_u32(&mut frame, crc32fast::hash(&payload));
+    let header_crc = crc32fast::hash(&frame[..8]);
+    put_u32(&mut frame, header_crc);
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Reads records until the end. Damage that can only be an interrupted last append is
+/// reported as a torn tail; anything else is corruption.
+pub(crate) fn scan(buf: &[u8], path: &Path, dim: usize) -> Result<Scan, IndexError> {
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    let mut last_seq = 0u64;
+    let torn = |pos: usize, reason: String| TornTail {
+        offset: pos as u64,
+        bytes: (buf.len() - pos) as u64,
+        reason,
+    };
+    while pos < buf.len() {
+        let rest = &buf[pos..];
+        if rest.len() < HEADER_LEN {
+            let t = torn(pos, format!("incomplete record header ({} bytes)", rest.len()));
+            return Ok(Scan { records, good_len: pos as u64, torn: Some(t) });
+        }
+        let (len, payload_crc, header_crc) = (le32(rest), le32(&rest[4..]), le32(&rest[8..]));
+        if crc32fast::hash(&rest[..8]) != header_crc || len > MAX_PAYLOAD {
+            if rest.iter().all(|&b| b == 0) {
+                let t = torn(pos, "zero-filled tail".to_string());
+                return Ok(Scan { records, good_len: pos as u64, torn: Some(t) });
+            }
+            return Err(IndexError::corrupt(path, format!("damaged record header at byte {pos}")));
+        }
+        let end = HEADER_LEN + len as usize;
+        if end > rest.len() {
+            let t = torn(pos, format!("last record cut short ({} of {end} bytes)", rest.len()));
+            return Ok(Scan { records, good_len: pos as u64, torn: Some(t) });
+        }
+        let payload = &rest[HEADER_LEN..end];
+        if crc32fast::hash(payload) != payload_crc {
+            if end == rest.len() {
+                let t = torn(pos, "last record fails its checksum".to_string());
+                return Ok(Scan { records, good_len: pos as u64, torn: Some(t) });
+            }
+            return Err(IndexError::corrupt(
+                path,
+                format!("record at byte {pos} fails its checksum and is followed by more records"),
+            ));
+        }
+        let (seq, op) = decode(payload, dim)
+            .map_err(|e| IndexError::corrupt(path, format!("record at byte {pos}: {e}")))?;
+        if seq <= last_seq {
+            return Err(IndexError::corrupt(
+                path,
+                format!("record at byte {pos} has sequence {seq} after {last_seq}"),
+            ));
+        }
+        last_seq = seq;
+        records.push((seq, op));
+        pos += end;
+    }
+    Ok(Scan { records, good_len: pos as u64, torn: None })
+}
+
+fn decode(payload: &[u8], dim: usize) -> Result<(u64, Op), String> {
+    let mut r = Reader::new(payload);
+    let seq = r.u64("sequence number")?;
+    let op = match r.u8("operation")? {
+        OP_ADD => {
+            let n = r.u32("item count")? as usize;
+            let mut items = Vec::with_capacity(n.min(1 << 16));
+            for _ in 0..n {
+                items.push(r.item(dim)?);
+            }
+            Op::Add(items)
+        }
+        OP_DELETE => Op::Delete(r.string("deleted id")?),
+        other => return Err(format!("unknown operation {other}")),
+    };
+    if !r.is_empty() {
+        return Err("trailing bytes after the operation".to_string());
+    }
+    Ok((seq, op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(id: &str) -> Op {
+        Op::Add(vec![ItemRecord { id: id.into(), cluster: 1, metadata: None, vector: vec![1.0, 0.0] }])
+    }
+
+    fn log_of(ops: &[(u64, Op)]) -> Vec<u8> {
+        ops.iter().flat_map(|(s, op)| encode(*s, op).unwrap()).collect()
+    }
+
+    #[test]
+    fn scan_reads_back_what_was_encoded() {
+        let ops = vec![(1, add("a")), (2, Op::Delete("a".into())), (5, add("b"))];
+        let s = scan(&log_of(&ops), Path::new("x"), 2).unwrap();
+        assert_eq!(s.records, ops);
+        assert!(s.torn.is_none());
+    }
+
+    #[test]
+    fn every_cut_of_the_last_record_is_a_torn_tail() {
+        let ops = vec![(1, add("a")), (2, add("b"))];
+        let buf = log_of(&ops);
+        let first = encode(1, &ops[0].1).unwrap().len();
+        for cut in first + 1..buf.len() {
+            let s = scan(&buf[..cut], Path::new("x"), 2).unwrap();
+            assert_eq!(s.records.len(), 1, "cut at {cut}");
+            assert_eq!(s.good_len as usize, first);
+            assert!(s.torn.is_some());
+        }
+    }
+
+    #[test]
+    fn flipped_byte_in_last_record_is_torn_but_in_middle_is_corrupt() {
+        let ops = vec![(1, add("a")), (2, add("b")), (3, add("c"))];
+        let buf = log_of(&ops);
+        let rec = encode(1, &ops[0].1).unwrap().len();
+        let mut last = buf.clone();
+        *last.last_mut().unwrap() ^= 0xff;
+        assert_eq!(scan(&last, Path::new("x"), 2).unwrap().records.len(), 2);
+        let mut middle = buf.clone();
+        middle[rec + HEADER_LEN + 3] ^= 0xff;
+        let err = scan(&middle, Path::new("x"), 2).unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        let mut header = buf;
+        header[rec] ^= 0x01;
+        let err = scan(&header, Path::new("x"), 2).unwrap_err().to_string();
+        assert!(err.contains("header"), "{err}");
+    }
+
+    #[test]
+    fn zero_filled_tail_is_torn_and_sequence_must_grow() {
+        let mut buf = log_of(&[(1, add("a"))]);
+        buf.extend_from_slice(&[0u8; 40]);
+        assert!(scan(&buf, Path::new("x"), 2).unwrap().torn.is_some());
+        let back = log_of(&[(2, add("a")), (2, add("b"))]);
+        assert!(scan(&back, Path::new("x"), 2).unwrap_err().to_string().contains("sequence"));
+    }
+}

@@ -1,0 +1,239 @@
+//! The indexing pipeline. Four stages joined by bounded channels, so memory stays flat and
+//! every stage works while the others do:
+//! reader thread (file bytes) → decode pool (rayon) → inference (batches) → index writer.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use super::sources::Source;
+use crate::index::{Index, NewItem};
+
+/// One embedded image: the vector to index and its cluster (the prototype argmax).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub cluster: u32,
+}
+
+/// What the pipeline needs from a model.
+pub trait Embedder: Sync {
+    /// Floats per preprocessed image.
+    fn tensor_len(&self) -> usize;
+    /// Decodes and preprocesses one file; the error is the reason shown in `rejected.tsv`.
+    fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String>;
+    /// Embeds `n` tensors laid end to end.
+    fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub batch_size: usize,
+    /// Decoding threads.
+    pub threads: usize,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildReport {
+    pub files: usize,
+    pub indexed: usize,
+    pub already_present: usize,
+    pub rejected: Vec<Rejected>,
+    pub seconds: f64,
+}
+
+type Decoded = (Source, Result<Vec<f32>, String>);
+
+/// Indexes every source not already in `index`. Bad files are collected, not fatal; model
+/// and index failures are.
+pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts: &BuildOptions) -> anyhow::Result<BuildReport> {
+    let started = Instant::now();
+    let files = sources.len();
+    let todo: Vec<Source> = sources.into_iter().filter(|s| !index.contains(&s.id)).collect();
+    let already_present = files - todo.len();
+    let batch_size = opts.batch_size.max(1);
+    let progress = progress_bar(todo.len() as u64, opts.progress);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .thread_name(|i| format!("swav-decode-{i}"))
+        .build()?;
+
+    let (raw_tx, raw_rx) = bounded::<(Source, std::io::Result<Vec<u8>>)>(batch_size * 4);
+    let (dec_tx, dec_rx) = bounded::<Decoded>(batch_size * 2);
+    let (add_tx, add_rx) = bounded::<Vec<NewItem>>(2);
+
+    let (indexed, rejected) = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for s in todo {
+                let bytes = std::fs::read(&s.path);
+                if raw_tx.send((s, bytes)).is_err() {
+                    return; // a later stage failed
+                }
+            }
+        });
+        scope.spawn(move || {
+            pool.install(|| {
+                // Stops at the first failed send (inference gave up), which in turn stops the reader.
+                let _ = raw_rx.into_iter().par_bridge().try_for_each(|(s, bytes)| {
+                    let r = bytes.map_err(|e| format!("cannot read: {e}")).and_then(|b| embedder.prepare(&b));
+                    dec_tx.send((s, r)).map_err(|_| ())
+                });
+            })
+        });
+        let writer = scope.spawn(|| write_batches(index, add_rx, &progress));
+        let inferred = infer(dec_rx, embedder, batch_size, add_tx, &progress);
+        // The writer's error first: when it fails, inference only sees a closed channel.
+        let written = writer.join().map_err(|_| anyhow::anyhow!("index writer panicked"))??;
+        let (rejected, _) = inferred?;
+        anyhow::Ok((written, rejected))
+    })?;
+    progress.finish_and_clear();
+    Ok(BuildReport { files, indexed, already_present, rejected, seconds: started.elapsed().as_secs_f64() })
+}
+
+fn progress_bar(len: u64, visible: bool) -> ProgressBar {
+    let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+/// Gathers decoded tensors into batches, embeds them and hands them to the writer.
+/// Returns the rejected files and the number of images embedded.
+fn infer(
+    rx: Receiver<Decoded>,
+    embedder: &dyn Embedder,
+    batch_size: usize,
+    tx: Sender<Vec<NewItem>>,
+    progress: &ProgressBar,
+) -> anyhow::Result<(Vec<Rejected>, usize)> {
+    let len = embedder.tensor_len();
+    let mut rejected = Vec::new();
+    let mut ids = Vec::with_capacity(batch_size);
+    let mut tensors = Vec::with_capacity(batch_size * len);
+    let mut embedded = 0;
+    let mut flush = |ids: &mut Vec<String>, tensors: &mut Vec<f32>| -> anyhow::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let out = embedder.embed(tensors, ids.len())?;
+        anyhow::ensure!(out.len() == ids.len(), "model returned {} results for {} images", out.len(), ids.len());
+        let items = ids
+            .drain(..)
+            .zip(out)
+            .map(|(id, e)| NewItem { id, vector: e.vector, cluster: e.cluster, metadata: None })
+            .collect::<Vec<_>>();
+        embedded += items.len();
+        tensors.clear();
+        tx.send(items).map_err(|_| anyhow::anyhow!("index writer stopped"))
+    };
+    for (source, result) in rx {
+        match result {
+            Ok(t) if t.len() == len => {
+                ids.push(source.id);
+                tensors.extend_from_slice(&t);
+                if ids.len() == batch_size {
+                    flush(&mut ids, &mut tensors)?;
+                }
+            }
+            Ok(t) => {
+                let reason = format!("preprocessed to {} values, the model takes {len}", t.len());
+                rejected.push(Rejected { path: source.path, reason });
+                progress.inc(1);
+            }
+            Err(reason) => {
+                rejected.push(Rejected { path: source.path, reason });
+                progress.inc(1);
+            }
+        }
+    }
+    flush(&mut ids, &mut tensors)?;
+    Ok((rejected, embedded))
+}
+
+/// Adds batches to the index (each durable when added); returns how many items were written.
+fn write_batches(index: &Index, rx: Receiver<Vec<NewItem>>, progress: &ProgressBar) -> anyhow::Result<usize> {
+    let mut written = 0;
+    for batch in rx {
+        let n = batch.len();
+        index.add(batch)?;
+        written += n;
+        progress.inc(n as u64);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{IndexOptions, ModelIdentity};
+
+    /// Files hold a number n; the "model" maps it to a 2-d vector; b"bad" does not decode.
+    struct Fake {
+        fail_embed: bool,
+    }
+
+    impl Embedder for Fake {
+        fn tensor_len(&self) -> usize {
+            1
+        }
+        fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
+            std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<f32>().ok()).map(|n| vec![n]).ok_or("not a number".into())
+        }
+        fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
+            anyhow::ensure!(!self.fail_embed, "model exploded");
+            Ok(batch[..n].iter().map(|&x| Embedded { vector: vec![1.0, x], cluster: x as u32 % 3 }).collect())
+        }
+    }
+
+    fn setup(n: usize) -> (tempfile::TempDir, Vec<Source>, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sources = Vec::new();
+        for i in 0..n {
+            let path = dir.path().join(format!("{i}.txt"));
+            std::fs::write(&path, if i % 10 == 3 { "bad".to_string() } else { i.to_string() }).unwrap();
+            sources.push(Source { id: format!("{i}.txt"), path });
+        }
+        sources.push(Source { id: "gone".into(), path: dir.path().join("gone") });
+        let identity = ModelIdentity { name: "fake".into(), sha256: "0".repeat(64), dim: 2 };
+        let index = Index::open_or_create(&dir.path().join("index"), identity, IndexOptions::default()).unwrap();
+        (dir, sources, index)
+    }
+
+    #[test]
+    fn indexes_good_files_rejects_bad_ones_and_resumes() {
+        let (_dir, sources, index) = setup(50);
+        let opts = BuildOptions { batch_size: 8, threads: 2, progress: false };
+        let report = build(sources.clone(), &Fake { fail_embed: false }, &index, &opts).unwrap();
+        assert_eq!((report.files, report.indexed, report.already_present), (51, 45, 0));
+        let mut reasons: Vec<&str> = report.rejected.iter().map(|r| r.reason.as_str()).collect();
+        reasons.sort();
+        assert_eq!(reasons.len(), 6);
+        assert!(reasons[0].starts_with("cannot read") && reasons[1..].iter().all(|r| *r == "not a number"), "{reasons:?}");
+        assert_eq!(index.get("7.txt").unwrap().cluster, 1);
+        let again = build(sources, &Fake { fail_embed: false }, &index, &opts).unwrap();
+        assert_eq!((again.indexed, again.already_present, again.rejected.len()), (0, 45, 6));
+    }
+
+    #[test]
+    fn a_failing_model_stops_the_build_with_its_error() {
+        let (_dir, sources, index) = setup(500);
+        let opts = BuildOptions { batch_size: 4, threads: 2, progress: false };
+        let err = build(sources, &Fake { fail_embed: true }, &index, &opts).unwrap_err();
+        assert!(err.to_string().contains("model exploded"), "{err}");
+        assert!(index.is_empty());
+    }
+}
