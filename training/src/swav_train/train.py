@@ -327,7 +327,6 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
             warning = collapse_warning(cfg, mean_loss, mean_used, cfg.batch_size)
             if warning:
                 log.warning(warning)
-                print(f"warning: {warning}", flush=True)
 
 
 def _save(cfg, ctx, run_dir: Path, model: SwAVModel, optimizer, scaler, queue, epochs_done: int) -> None:
