@@ -121,7 +121,8 @@ def test_inference_model_outputs_are_normalised_cosines():
     model, _, _ = _setup(cfg)
     with torch.no_grad():
         model.prototypes.weight.mul_(5)
-    emb, proj, scores = InferenceModel(model.eval(), cfg.mean, cfg.std)(torch.rand(3, 3, 16, 16))
+    with torch.no_grad():
+        emb, proj, scores = InferenceModel(model.eval(), cfg.mean, cfg.std)(torch.rand(3, 3, 16, 16))
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(proj.norm(dim=1), torch.ones(3))
     assert float(scores.abs().max()) <= 1 + 1e-5

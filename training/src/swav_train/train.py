@@ -314,7 +314,7 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
         if it % cfg.log_every == 0 or it == iters_per_epoch - 1:
             runlog.write({"kind": "train", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                          "images_per_s": rate, "prototypes_used": stats.prototypes_used,
+                          "images_per_s": rate, "step_images_per_s": inst, "prototypes_used": stats.prototypes_used,
                           "queue_used": stats.queue_used}, step)
     result.losses.extend(losses)
     mean_loss = float(np.mean(losses))
