@@ -59,6 +59,9 @@ def _run_ours(args, batches) -> float:
 
     torch.manual_seed(0)
     model = SwAVModel("resnet18", args.width, 1, True, args.hidden, 128, args.prototypes).train()
+    if args.channels_last:  # what train.py does with its default channels_last=True
+        model = model.to(memory_format=torch.channels_last)
+        batches = [[c.contiguous(memory_format=torch.channels_last) for c in b] for b in batches]
     opt = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
     loss_fn = SwAVLoss(total_crops=6, crops_for_assign=(0, 1))
 
@@ -105,13 +108,15 @@ def _run_lightly(args, batches) -> float:
     return _time(step, args)
 
 
-def _time(step, args) -> float:
+def _time(step, args) -> tuple[float, float]:
+    """(images per wall-clock second, images per CPU second of this process)."""
     for i in range(args.warmup):
         step(i)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
-    return args.steps * args.batch_size / (time.perf_counter() - t0)
+    n = args.steps * args.batch_size
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def child(args) -> None:
@@ -119,9 +124,10 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     batches = _batches(args)
-    rate = (_run_ours if args.child == "swav_train" else _run_lightly)(args, batches)
+    rate, cpu_rate = (_run_ours if args.child == "swav_train" else _run_lightly)(args, batches)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"trainer": args.child, "images_per_s": rate, "peak_rss_mib": peak_mib}))
+    print(json.dumps({"trainer": args.child, "images_per_s": rate, "images_per_cpu_s": cpu_rate,
+                      "peak_rss_mib": peak_mib}))
 
 
 def compare(args) -> None:
@@ -129,22 +135,27 @@ def compare(args) -> None:
     common = ["--width", str(args.width), "--hidden", str(args.hidden), "--prototypes", str(args.prototypes),
               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--threads", str(args.threads), "--distinct-batches", str(args.distinct_batches)]
+    if not args.channels_last:
+        common.append("--no-channels-last")
     for r in range(args.repeats):
         for trainer in ("swav_train", "lightly"):
             out = subprocess.run([sys.executable, __file__, "--child", trainer, *common], check=True,
                                  capture_output=True, text=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[trainer].append(res)
-            print(f"  run {r + 1} {trainer:10s} {res['images_per_s']:7.1f} images/s  peak RSS {res['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            print(f"  run {r + 1} {trainer:10s} {res['images_per_s']:7.1f} images/s (wall), "
+                  f"{res['images_per_cpu_s']:7.1f} images per CPU-s, peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
     med = {t: statistics.median(x["images_per_s"] for x in v) for t, v in results.items()}
+    cpu = {t: statistics.median(x["images_per_cpu_s"] for x in v) for t, v in results.items()}
     rss = {t: max(x["peak_rss_mib"] for x in v) for t, v in results.items()}
     print(f"config: resnet18 width {args.width} small stem, 1 channel, head {args.hidden}->128, K={args.prototypes}, "
           f"batch {args.batch_size}, crops 2x28 + 4x16, {args.threads} threads, {args.steps} timed steps "
-          f"after {args.warmup}")
+          f"after {args.warmup}, swav_train channels_last={args.channels_last}")
     for t in ("swav_train", "lightly"):
-        print(f"{t:10s} median {med[t]:7.1f} images/s   peak RSS {rss[t]:.0f} MiB")
-    print(f"speed-up swav_train / lightly: {med['swav_train'] / med['lightly']:.2f}x")
+        print(f"{t:10s} median {med[t]:7.1f} images/s (wall)  {cpu[t]:7.1f} images per CPU-s   "
+              f"peak RSS {rss[t]:.0f} MiB")
+    print(f"speed-up swav_train / lightly: {med['swav_train'] / med['lightly']:.2f}x wall, "
+          f"{cpu['swav_train'] / cpu['lightly']:.2f}x CPU")
 
 
 def widths(args) -> None:
@@ -178,8 +189,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--distinct-batches", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per trainer (1: robust timings on a shared machine)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="swav_train's default memory format (lightly's example has none)")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-compare", action="store_true")
     p.add_argument("--skip-widths", action="store_true")
     p.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32])

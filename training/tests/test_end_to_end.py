@@ -50,6 +50,9 @@ def test_train_export_parity_manifest(tmp_path, fashion_mnist_dir):
     assert manifest["num_prototypes"] == 6 and manifest["backbone"] == "resnet18"
     assert manifest["dataset"]["num_images"] == 32 and manifest["dataset"]["skipped_unreadable"] == 1
     assert manifest["training"]["nmb_prototypes"] == 6
+    assert manifest["golden"] == "golden/golden.json"
+    train_golden = json.loads((bundle / "golden" / "golden.json").read_text())["cases"]
+    assert len(train_golden) == 4 and all((bundle / "golden" / c["file"]).is_file() for c in train_golden)
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["onnxruntime_version"] == ort.__version__
     ev = manifest["evaluation"]
     assert ev == json.loads((run / "eval.json").read_text())

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", metavar="FILE", default=None,
                    help="also write the JSON here (default: RUN_DIR/eval.json for a checkpoint)")
     v.add_argument("--no-update-manifest", action="store_true",
-                   help="for a bundle: do not store the results in manifest.json's evaluation")
+                   help="do not store the results in the bundle's manifest.json (for a checkpoint: "
+                        "RUN_DIR/bundle/manifest.json, when present)")
     return parser
 
 
@@ -169,6 +170,11 @@ def cmd_eval(args) -> int:
             cfg = cfg.replace(fashion_mnist_dir=args.fashion_mnist_dir)
         result = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size)
         out = Path(args.out) if args.out else target.parent / "eval.json"
+        run_bundle = target.parent / "bundle" / "manifest.json"
+        if run_bundle.is_file() and not args.no_update_manifest:
+            manifest = json.loads(run_bundle.read_text())
+            manifest["evaluation"] = result
+            run_bundle.write_text(json.dumps(manifest, indent=2) + "\n")
     text = json.dumps(result, indent=2)
     if out is not None:
         out.write_text(text + "\n")

@@ -89,6 +89,7 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
     precision: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (with GradScaler)")
     sync_bn: bool = _f(True, "use SyncBatchNorm under multi-GPU DDP")
+    channels_last: bool = _f(True, "channels_last memory format for the model and crops (faster convolutions on CUDA, and on CPU with oneDNN)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     log_every: int = _f(10, "write a metrics.jsonl line every N iterations")
     progress: bool = _f(True, "show a progress bar")

@@ -66,8 +66,11 @@ def write_golden(wrapper: InferenceModel, spec: preprocess.InputSpec, files: lis
     """Copy `files` into golden/ and record the trainer's tensor and PyTorch's outputs for each."""
     golden_dir.mkdir(parents=True, exist_ok=True)
     cases = []
-    for src in files:
-        dst = golden_dir / src.name
+    used: set[str] = set()
+    for i, src in enumerate(files):
+        name = src.name if src.name not in used else f"{i:02d}_{src.name}"  # same name in two folders
+        used.add(name)
+        dst = golden_dir / name
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
         decoded = preprocess.decode(dst)

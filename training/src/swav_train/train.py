@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from swav_train import checkpoint, distributed
 from swav_train.augment import MultiCrop
 from swav_train.config import ConfigError, TrainConfig
-from swav_train.data import DataError, training_dataset
+from swav_train.data import DataError, ImageFolderDataset, training_dataset
 from swav_train.distributed import DistContext
 from swav_train.loss import LossStats, SwAVLoss
 from swav_train.model import SwAVModel
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that may change between a run and its resumption without changing what is learned.
-RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "evaluate", "eval_train_size",
+RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "evaluate", "eval_train_size",
                      "eval_test_size", "name", "description", "fashion_mnist_dir", "data_dir"}
 
 
@@ -233,7 +234,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     if ctx.distributed and cfg.sync_bn and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
-    if ctx.device.type == "cuda":
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                      trust_coefficient=cfg.trust_coefficient)
@@ -248,7 +249,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
-        rank_state = checkpoint.load(run_dir / f"rank{ctx.rank}.pt") if (run_dir / f"rank{ctx.rank}.pt").exists() else None
+        rank_path = ckpt_path.parent / f"rank{ctx.rank}.pt"
+        rank_state = checkpoint.load(rank_path) if rank_path.exists() else None
         if rank_state is not None and rank_state["epoch"] == start_epoch:
             checkpoint.set_rng_state(rank_state["rng"])
             if rank_state["queue"] is not None:
@@ -278,7 +280,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
         runlog.close()
 
     if finish and result.epochs_done == cfg.epochs and ctx.is_main:
-        _finish(cfg, run_dir, model, data_info, result)
+        _finish(cfg, run_dir, model, dataset, data_info, result)
     distributed.barrier()
     return result
 
@@ -300,7 +302,7 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
         for group in optimizer.param_groups:
             group["lr"] = lr
         crops = [c.to(ctx.device, non_blocking=True) for c in crops]
-        if ctx.device.type == "cuda":
+        if cfg.channels_last:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         loss, stats = train_step(model, loss_fn, optimizer, crops, step, cfg.freeze_prototypes_niters, queue,
                                  autocast_dtype, scaler)
@@ -343,7 +345,20 @@ def _save(cfg, ctx, run_dir: Path, model: SwAVModel, optimizer, scaler, queue, e
     distributed.barrier()
 
 
-def _finish(cfg: TrainConfig, run_dir: Path, model: SwAVModel, data_info: dict, result: TrainResult) -> None:
+def _golden_inputs(dataset, workdir: Path, count: int = 4) -> list[Path]:
+    """A few training images as files, for the bundle's golden parity cases."""
+    if isinstance(dataset, ImageFolderDataset):
+        return list(dataset.paths[:count])
+    paths = []
+    for i in range(min(count, len(dataset))):
+        path = workdir / f"train_{i}.png"
+        dataset.load(i).save(path)
+        paths.append(path)
+    return paths
+
+
+def _finish(cfg: TrainConfig, run_dir: Path, model: SwAVModel, dataset, data_info: dict,
+            result: TrainResult) -> None:
     from swav_train import evaluate, export
 
     # A fresh CPU copy: the trained one may hold SyncBatchNorm layers or channels_last weights.
@@ -357,5 +372,8 @@ def _finish(cfg: TrainConfig, run_dir: Path, model: SwAVModel, data_info: dict, 
         (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
         print("evaluation: " + evaluate.summary(evaluation), flush=True)
     result.evaluation = evaluation
-    result.bundle_dir = export.export_bundle(model, cfg, run_dir / "bundle", dataset=data_info, evaluation=evaluation)
+    with tempfile.TemporaryDirectory() as tmp:
+        golden = _golden_inputs(dataset, Path(tmp))
+        result.bundle_dir = export.export_bundle(model, cfg, run_dir / "bundle", dataset=data_info,
+                                                 evaluation=evaluation, golden_files=golden)
     print(f"bundle written to {result.bundle_dir}", flush=True)
