@@ -313,7 +313,9 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
         rate = inst if rate is None else 0.9 * rate + 0.1 * inst
         losses.append(loss_value)
         used.append(stats.prototypes_used)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}")
+        remaining = (cfg.epochs * iters_per_epoch - step - 1) * images_per_step / max(rate, 1e-9)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}",
+                        run_eta=tqdm.format_interval(remaining))
         if it % cfg.log_every == 0 or it == iters_per_epoch - 1:
             runlog.write({"kind": "train", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
                           "images_per_s": rate, "step_images_per_s": inst, "prototypes_used": stats.prototypes_used,
