@@ -98,7 +98,8 @@ def tiny_gray_config(fashion_mnist_dir: str) -> config.TrainConfig:
         name="tiny-gray", description="test fixture: a few iterations on Fashion-MNIST (not a useful model)",
         fashion_mnist_dir=fashion_mnist_dir, max_images=256, width=4, hidden_mlp=64, feat_dim=32,
         nmb_prototypes=10, batch_size=32, epochs=1, warmup_epochs=0, base_lr=0.3, final_lr=0.003,
-        freeze_prototypes_niters=2, queue_length=0, num_workers=0, evaluate=False, progress=False, threads=2)
+        freeze_prototypes_niters=2, queue_length=0, num_workers=0, evaluate=False, progress=False, threads=2,
+        channels_last=False)
 
 
 def tiny_rgb_config(data_dir: Path) -> config.TrainConfig:
@@ -108,7 +109,7 @@ def tiny_rgb_config(data_dir: Path) -> config.TrainConfig:
         nmb_crops=[2, 2], size_crops=[32, 16], min_scale_crops=[0.3, 0.1], max_scale_crops=[1.0, 0.3],
         arch="resnet18", width=4, stem="small", hidden_mlp=64, feat_dim=32, nmb_prototypes=8, batch_size=16,
         epochs=1, warmup_epochs=0, base_lr=0.3, final_lr=0.003, freeze_prototypes_niters=2, queue_length=0,
-        num_workers=0, evaluate=False, progress=False, threads=2)
+        num_workers=0, evaluate=False, progress=False, threads=2, channels_last=False)
 
 
 def _shrink_golden(golden_json: Path) -> None:
