@@ -75,3 +75,12 @@ def test_grayscale_multicrop_keeps_one_channel():
     cfg = tiny_config(channels=1, mean=(0.5,), std=(0.25,))
     crops = MultiCrop(cfg)(Image.fromarray(np.full((28, 28), 100, np.uint8)))
     assert [tuple(c.shape) for c in crops] == [(1, 16, 16), (1, 16, 16), (1, 8, 8), (1, 8, 8)]
+
+
+def test_missing_evaluation_set_fails_before_training(tmp_path, capsys):
+    folder = make_images(tmp_path / "imgs", 8)
+    code, err = _run_cli(["train", "--out", str(tmp_path / "run"), "--data-dir", str(folder),
+                          "--fashion-mnist-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 2
+    assert "nowhere" in err and "--no-evaluate" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

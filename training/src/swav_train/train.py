@@ -189,6 +189,17 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
             "use the same settings or a new --out directory")
 
 
+def _check_eval_data(cfg: TrainConfig) -> None:
+    """Fail before training, not after it, when the labelled evaluation set is missing."""
+    from swav_train.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist(cfg.fashion_mnist_dir, "t10k")
+    except DataError as e:
+        raise DataError(f"{e}; the end-of-training evaluation needs it (pass --fashion-mnist-dir DIR, "
+                        "or --no-evaluate)") from None
+
+
 def _make_queue(cfg: TrainConfig, ctx: DistContext) -> EmbeddingQueue | None:
     length = cfg.effective_queue_length(ctx.world_size) // ctx.world_size
     if length <= 0:
@@ -224,6 +235,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     _seed(cfg.seed)  # identical model initialisation on every rank
     model = SwAVModel.from_config(cfg)
     _seed(cfg.seed + ctx.rank)
+    if cfg.evaluate and finish:
+        _check_eval_data(cfg)
     dataset, data_info = training_dataset(cfg.dataset, cfg.data_dir, cfg.fashion_mnist_dir, cfg.channels,
                                           MultiCrop(cfg), cfg.max_images)
     iters_per_epoch = len(dataset) // (cfg.batch_size * ctx.world_size)
@@ -279,9 +292,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     finally:
         runlog.close()
 
+    # Other ranks do not wait for rank 0's evaluation and export: a long barrier would hit the
+    # process group's timeout, and nothing after this point is collective.
     if finish and result.epochs_done == cfg.epochs and ctx.is_main:
         _finish(cfg, run_dir, model, dataset, data_info, result)
-    distributed.barrier()
     return result
 
 
