@@ -131,12 +131,13 @@ def collapse_warning(cfg: TrainConfig, mean_loss: float, mean_used: float, batch
 class RunLog:
     """metrics.jsonl and TensorBoard, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, append: bool):
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            # A resumed run continues the file; a fresh one must not mix with an old run's lines.
+            self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w")
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any], step: int) -> None:
@@ -278,7 +279,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     if ctx.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
-    runlog = RunLog(run_dir, ctx.is_main)
+    runlog = RunLog(run_dir, ctx.is_main, append=state is not None)
     result = TrainResult(run_dir=run_dir, epochs_done=start_epoch)
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     try:
