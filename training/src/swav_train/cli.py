@@ -29,7 +29,7 @@ from RUN_DIR/checkpoint.pt. Under torch.distributed.run (torchrun) each process 
 the data with DDP; --batch-size is per process.
 
 fashion-mnist preset: 1 channel, 2 crops of 28 px (scale 0.14-1) + 4 crops of 16 px (scale 0.05-0.14),
-ResNet-18 at width 16 with the small stem, K=30 prototypes, batch 256, lr 0.6 -> 0.0006 (2 warmup epochs),
+ResNet-18 at width 16 with the small stem, K=300 prototypes, batch 256, lr 0.6 -> 0.0006 (2 warmup epochs),
 queue 3840 from epoch 3, 30 epochs.
 """
 

@@ -125,7 +125,8 @@ def collapse_warning(cfg: TrainConfig, mean_loss: float, mean_used: float, batch
         return None
     return ("codes may have collapsed: " + "; ".join(reasons) + ". Remedies: use a queue "
             "(--queue-length, e.g. 3840, and an earlier --epoch-queue-starts), freeze the prototypes longer "
-            "(--freeze-prototypes-niters), or lower --epsilon (e.g. 0.03)")
+            "(--freeze-prototypes-niters), lower --epsilon (e.g. 0.03), or use at least --feat-dim prototypes "
+            "(--nmb-prototypes)")
 
 
 class RunLog:
@@ -238,6 +239,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     _seed(cfg.seed + ctx.rank)
     if cfg.evaluate and finish:
         _check_eval_data(cfg)
+    if cfg.nmb_prototypes < cfg.feat_dim and ctx.is_main:
+        log.warning("nmb_prototypes=%d < feat_dim=%d: projections orthogonal to every prototype give uniform "
+                    "codes, a collapse SwAV tends to fall into; use at least feat_dim prototypes",
+                    cfg.nmb_prototypes, cfg.feat_dim)
     dataset, data_info = training_dataset(cfg.dataset, cfg.data_dir, cfg.fashion_mnist_dir, cfg.channels,
                                           MultiCrop(cfg), cfg.max_images)
     iters_per_epoch = len(dataset) // (cfg.batch_size * ctx.world_size)
