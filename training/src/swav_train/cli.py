@@ -1,0 +1,202 @@
+"""`python -m swav_train train | export | eval`.
+
+The train flags are generated from `config.TrainConfig`, whose field docs are the help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from swav_train import config as config_mod
+from swav_train.config import ConfigError, TrainConfig
+
+EPILOG_TRAIN = """\
+precedence: --preset, then --config FILE, then individual flags.
+
+examples:
+  python -m swav_train train --preset fashion-mnist --out runs/fmnist
+  python -m swav_train train --preset imagenet --data-dir ~/photos --out runs/photos --epochs 50
+  python -m torch.distributed.run --nproc-per-node 4 -m swav_train train --preset imagenet --data-dir DIR --out RUN
+
+The run directory receives config.json, metrics.jsonl, tensorboard/, checkpoint.pt (written atomically
+each epoch), eval.json and bundle/ (model.onnx, manifest.json). Running the same command again resumes
+from RUN_DIR/checkpoint.pt. Under torch.distributed.run (torchrun) each process trains on its share of
+the data with DDP; --batch-size is per process.
+
+fashion-mnist preset: 1 channel, 2 crops of 28 px (scale 0.14-1) + 4 crops of 16 px (scale 0.05-0.14),
+ResNet-18 at width 16 with the small stem, K=300 prototypes, batch 256, lr 0.6 -> 0.0006 (2 warmup epochs),
+queue 3840 from epoch 3, 30 epochs.
+"""
+
+
+def _parse_type(annotation: str):
+    """(element type, nargs) for a TrainConfig field annotation."""
+    if annotation.startswith("tuple["):
+        inner = annotation[len("tuple["):].split(",")[0].strip()
+        return {"int": int, "float": float, "str": str}[inner], "+"
+    return {"int": int, "float": float, "str": str, "bool": bool}[annotation], None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training configuration (defaults shown are the imagenet preset's)")
+    for f in dataclasses.fields(TrainConfig):
+        elem, nargs = _parse_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} (default: {shown!s})".replace("%", "%%")
+        if elem is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=elem, nargs=nargs, default=None, metavar=f.name.upper(),
+                               help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = config_mod.preset(args.preset)
+    if args.config:
+        base = config_mod.load(args.config, base)
+    overrides = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            overrides[f.name] = tuple(value) if isinstance(value, list) else value
+    if overrides.get("data_dir") and "dataset" not in overrides:
+        overrides["dataset"] = "folder"
+    return config_mod.from_dict({**base.to_dict(), **overrides})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m swav_train",
+        description="Train a SwAV image embedding model (Caron et al. 2020) and export a swav model bundle.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,export,eval}")
+
+    t = sub.add_parser("train", help="train a model and write RUN_DIR/bundle",
+                       description="Train SwAV on an image folder or Fashion-MNIST; at the end evaluate on "
+                                   "Fashion-MNIST (linear probe, kNN, NMI/ARI) and export RUN_DIR/bundle.",
+                       epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--out", "--run-dir", dest="out", required=True, metavar="RUN_DIR",
+                   help="run directory (created; resumed from when it holds checkpoint.pt)")
+    t.add_argument("--preset", default="imagenet", choices=sorted(config_mod.PRESETS),
+                   help="starting configuration: imagenet (the paper's defaults) or fashion-mnist (small, CPU-sized)")
+    t.add_argument("--config", metavar="FILE", help="JSON file of config fields (e.g. a run's config.json)")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="resume from this checkpoint instead of RUN_DIR/checkpoint.pt")
+    t.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint "
+                   "(the old checkpoint is overwritten after the first epoch)")
+    add_config_flags(t)
+
+    e = sub.add_parser("export", help="write a bundle from a training checkpoint",
+                       description="Export CHECKPOINT to BUNDLE_DIR/{model.onnx, manifest.json}; checks "
+                                   "onnxruntime against PyTorch (max abs diff <= 1e-4).")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by train")
+    e.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
+    e.add_argument("--golden", nargs="+", metavar="IMAGE", default=None,
+                   help="image files to copy into BUNDLE_DIR/golden with their expected tensors and outputs")
+    e.add_argument("--evaluate", action="store_true", help="evaluate on Fashion-MNIST and put the metrics in the manifest")
+    e.add_argument("--eval-train-size", type=int, default=0, help="labelled reference images (0 = all)")
+    e.add_argument("--eval-test-size", type=int, default=0, help="labelled query images (0 = all)")
+    e.add_argument("--name", default=None, help="bundle name (default: from the checkpoint's config)")
+
+    v = sub.add_parser("eval", help="evaluate a bundle or checkpoint on Fashion-MNIST",
+                       description="Linear probe, weighted kNN (k=20, T=0.07), NMI/ARI of k-means and of "
+                                   "prototype assignments, Fashion-MNIST test against train. Prints JSON.")
+    v.add_argument("target", metavar="BUNDLE_OR_CHECKPOINT", help="a bundle directory or a checkpoint.pt")
+    v.add_argument("--fashion-mnist-dir", default=None, help=f"IDX directory (default: {config_mod.FASHION_MNIST_DIR})")
+    v.add_argument("--eval-train-size", type=int, default=0, help="labelled reference images (0 = all 60000)")
+    v.add_argument("--eval-test-size", type=int, default=0, help="labelled query images (0 = all 10000)")
+    v.add_argument("--out", metavar="FILE", default=None,
+                   help="also write the JSON here (default: RUN_DIR/eval.json for a checkpoint)")
+    v.add_argument("--no-update-manifest", action="store_true",
+                   help="do not store the results in the bundle's manifest.json (for a checkpoint: "
+                        "RUN_DIR/bundle/manifest.json, when present)")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from swav_train.train import train
+
+    cfg = config_from_args(args)
+    resume: str | bool = args.resume if args.resume else not args.no_resume
+    result = train(cfg, args.out, resume=resume)
+    if result.bundle_dir is not None:
+        print(f"done: {result.epochs_done} epochs; bundle at {result.bundle_dir}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from swav_train import checkpoint, evaluate, export
+
+    model, cfg, _ = checkpoint.model_from_checkpoint(args.checkpoint)
+    if args.name:
+        cfg = cfg.replace(name=args.name)
+    evaluation = None
+    if args.evaluate:
+        evaluation = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size)
+    golden = [Path(g) for g in args.golden] if args.golden else None
+    for g in golden or []:
+        if not g.is_file():
+            raise FileNotFoundError(f"golden image {g} does not exist")
+    out = export.export_bundle(model, cfg, args.out, evaluation=evaluation, golden_files=golden)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from swav_train import checkpoint, evaluate
+
+    target = Path(args.target)
+    if target.is_dir():
+        manifest_path = target / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{target} is a directory without manifest.json (not a bundle)")
+        manifest = json.loads(manifest_path.read_text())
+        fm_dir = args.fashion_mnist_dir or manifest.get("training", {}).get("fashion_mnist_dir") \
+            or config_mod.FASHION_MNIST_DIR
+        result = evaluate.evaluate_bundle(target, fm_dir, args.eval_train_size, args.eval_test_size)
+        if not args.no_update_manifest:
+            manifest["evaluation"] = result
+            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        out = Path(args.out) if args.out else None
+    else:
+        model, cfg, _ = checkpoint.model_from_checkpoint(target)
+        if args.fashion_mnist_dir:
+            cfg = cfg.replace(fashion_mnist_dir=args.fashion_mnist_dir)
+        result = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size)
+        out = Path(args.out) if args.out else target.parent / "eval.json"
+        run_bundle = target.parent / "bundle" / "manifest.json"
+        if run_bundle.is_file() and not args.no_update_manifest:
+            manifest = json.loads(run_bundle.read_text())
+            manifest["evaluation"] = result
+            run_bundle.write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+    print("evaluation: " + evaluate.summary(result), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Our own messages at INFO; the ONNX exporter's chatter only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("swav_train").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    from swav_train.data import DataError
+    from swav_train.export import ExportError
+    from swav_train.train import NonFiniteLossError
+
+    try:
+        return {"train": cmd_train, "export": cmd_export, "eval": cmd_eval}[args.command](args)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,129 @@
+"""Backbone registry, projection head, prototypes, and the inference wrapper the bundle exports."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from swav_train.config import TrainConfig
+
+# arch -> (block, blocks per stage); the torchvision definitions.
+_RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision's ResNet without the classifier, with a configurable base width,
+    input channels and stem. At width 64 with the ImageNet stem its layers and
+    parameter shapes are exactly torchvision's. Never pretrained."""
+
+    def __init__(self, arch: str, width: int = 64, in_channels: int = 3, small_stem: bool = False):
+        super().__init__()
+        if arch not in _RESNETS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_RESNETS)}")
+        block, layers = _RESNETS[arch]
+        self.inplanes = width
+        if small_stem:
+            # Inputs <= 64 px would shrink to nothing under a stride-4 stem.
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.out_dim = width * 8 * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class SwAVModel(nn.Module):
+    """Backbone -> projection MLP (L2-normalised) -> prototypes.
+
+    `forward` takes the list of crops and runs each run of consecutive crops
+    of equal resolution through the backbone as one batch (as the paper's
+    code does); it returns (normalised projections, prototype scores) with the
+    crops stacked in order.
+    """
+
+    def __init__(self, arch: str = "resnet50", width: int = 64, in_channels: int = 3, small_stem: bool = False,
+                 hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 3000):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch, width, in_channels, small_stem)
+        e = self.backbone.out_dim
+        self.projection_head = nn.Sequential(
+            nn.Linear(e, hidden_mlp), nn.BatchNorm1d(hidden_mlp), nn.ReLU(inplace=True), nn.Linear(hidden_mlp, feat_dim))
+        self.prototypes = nn.Linear(feat_dim, nmb_prototypes, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "SwAVModel":
+        return cls(cfg.arch, cfg.width, cfg.channels, cfg.small_stem, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
+
+    def project(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.normalize(self.projection_head(features), dim=1, p=2)
+        return z, self.prototypes(z)
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        feats, start = [], 0
+        for end in ends:
+            feats.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.project(torch.cat(feats))
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """L2-normalise each prototype row in place; the training loop calls it before every step."""
+        w = self.prototypes.weight.data.clone()
+        self.prototypes.weight.copy_(F.normalize(w, dim=1, p=2))
+
+
+class InferenceModel(nn.Module):
+    """What the bundle's ONNX graph computes: images in [0, 1] ->
+    (embedding, projection, prototype_scores), normalisation inside the graph."""
+
+    def __init__(self, model: SwAVModel, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = (images - self.mean) / self.std
+        feats = self.model.backbone(x)
+        embedding = F.normalize(feats, dim=1, p=2)
+        projection = F.normalize(self.model.projection_head(feats), dim=1, p=2)
+        prototypes = F.normalize(self.model.prototypes.weight, dim=1, p=2)
+        return embedding, projection, projection @ prototypes.t()

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from swav_train import checkpoint
+from swav_train.config import ConfigError
+from swav_train.train import train
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stopped_and_resumed_follows_the_uninterrupted_loss_curve(tmp_path, image_folder, workers):
+    # Queue created at epoch 1 and full from its third step, so the checkpoint after epoch 2 carries it.
+    cfg = tiny_config(data_dir=str(image_folder), epochs=3, warmup_epochs=1, queue_length=16, epoch_queue_starts=1,
+                      freeze_prototypes_niters=2, num_workers=workers)
+    full = train(cfg, tmp_path / "full", resume=False, finish=False)
+    assert len(full.losses) == 12  # 32 images / batch 8 = 4 steps per epoch
+
+    first = train(cfg, tmp_path / "split", finish=False, stop_after_epoch=2)
+    assert first.epochs_done == 2
+    saved = checkpoint.load(tmp_path / "split" / "rank0.pt")
+    assert saved["queue"] is not None and saved["queue"]["in_use"]
+    second = train(cfg, tmp_path / "split", finish=False)  # auto-resume from the run directory
+    assert second.epochs_done == 3 and len(second.losses) == 4
+
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses),
+                               rtol=1e-5, atol=1e-6)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    lines = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines if l["kind"] == "epoch"] == [0, 1, 2]
+
+
+def test_resume_refuses_a_different_config(tmp_path, image_folder):
+    cfg = tiny_config(data_dir=str(image_folder), epochs=2)
+    train(cfg, tmp_path / "run", finish=False, stop_after_epoch=1)
+    with pytest.raises(ConfigError, match="nmb_prototypes"):
+        train(cfg.replace(nmb_prototypes=7), tmp_path / "run", finish=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    target = tmp_path / "c.pt"
+    checkpoint.atomic_save({"a": 1}, target)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.atomic_save({"a": Boom()}, target)
+    assert checkpoint.load(target) == {"a": 1}  # the old file survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # and no temporary is left behind
