@@ -5,7 +5,7 @@ Load: wrk (closed loop, one connection per concurrent client) on loopback, POSTi
 test images as PNG (a different image each request) to /v1/embed as raw image/png bodies.
 
 Usage (from the repository root, after `cargo build --release`):
-    /work/main/.venv/bin/python scripts/bench_serve.py --model models/fashion-mnist
+    .venv/bin/python scripts/bench_serve.py --model models/fashion-mnist
 Needs: wrk, and numpy, pillow, onnxruntime, fastapi, uvicorn in the Python environment.
 """
 import argparse
