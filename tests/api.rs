@@ -443,10 +443,7 @@ fn openapi_is_valid_and_documents_every_route() {
 async fn every_documented_operation_is_served() {
     // The index routes answer 404 by design when no index is open, so serve one.
     let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = common::gray_bundle();
-    let m = &bundle.manifest;
-    let identity = swav::index::ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim };
-    let index = swav::index::Index::open_or_create(dir.path(), identity, swav::index::IndexOptions::default()).expect("open index");
+    let index = common::open_index(dir.path(), &common::gray_bundle());
     let srv = real_server(ServerConfig { index: Some(index), ..ServerConfig::default() }).await;
     let spec = common::openapi();
     let client = reqwest::Client::new();

@@ -7,7 +7,6 @@ use base64::Engine as _;
 use common::{InProcess, ServerConfig, call};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
-use swav::index::{Index, IndexOptions, ModelIdentity};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -31,9 +30,7 @@ fn image(seed: u64) -> Vec<u8> {
 
 async fn server_with_index(dir: &std::path::Path, api_key: Option<&str>) -> InProcess {
     let bundle = common::gray_bundle();
-    let m = &bundle.manifest;
-    let identity = ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim };
-    let index = Index::open_or_create(dir, identity, IndexOptions::default()).expect("open index");
+    let index = common::open_index(dir, &bundle);
     let cfg = ServerConfig { index: Some(index), api_key: api_key.map(String::from), ..ServerConfig::default() };
     common::start_in_process(&bundle, common::engine(&bundle), cfg).await
 }

@@ -89,7 +89,7 @@ async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, A
     Ok(images)
 }
 
-fn multipart_error(status: StatusCode, detail: String) -> ApiError {
+pub(super) fn multipart_error(status: StatusCode, detail: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         body_error(status, detail)
     } else {

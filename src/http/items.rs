@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::AppState;
 use super::error::ApiError;
 use super::images::infer_images;
-use super::input::{decode_base64, read_images};
+use super::input::{decode_base64, multipart_error, read_images};
 use crate::engine::ImageOutput;
 use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, ItemInfo, NewItem};
 use crate::metrics::Metrics;
@@ -206,17 +206,14 @@ async fn uploads_from_multipart(req: Request) -> Result<Vec<Upload>, ApiError> {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::too_large("body_too_large", e.body_text()));
-            }
-            Err(e) => return Err(ApiError::bad_request("bad_multipart", format!("malformed multipart body: {}", e.body_text()))),
+            Err(e) => return Err(multipart_error(e.status(), e.body_text())),
         };
         // The part's file name is the id when it has one, else its field name.
         let id = field.file_name().or(field.name()).unwrap_or_default().to_string();
         let image = field
             .bytes()
             .await
-            .map_err(|e| ApiError::bad_request("bad_multipart", format!("malformed multipart body: {}", e.body_text())))?;
+            .map_err(|e| multipart_error(e.status(), e.body_text()))?;
         uploads.push(Upload { id, image, metadata: None });
     }
     Ok(uploads)

@@ -50,6 +50,13 @@ pub fn bundle_with_channels(channels: u32) -> Bundle {
         .unwrap_or_else(|| panic!("no fixture bundle with {channels} channel(s) under {}", bundles_dir().display()))
 }
 
+/// An index in `dir` bound to `bundle`'s model, as `swav serve --index` opens it.
+pub fn open_index(dir: &Path, bundle: &Bundle) -> swav::index::Index {
+    let m = &bundle.manifest;
+    let identity = swav::index::ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim };
+    swav::index::Index::open_or_create(dir, identity, swav::index::IndexOptions::default()).expect("open index")
+}
+
 pub fn gray_bundle() -> Bundle {
     bundle_with_channels(1)
 }
