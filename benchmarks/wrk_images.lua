@@ -1,18 +1,44 @@
--- wrk script: POST a different image file each request (raw body, image/png).
--- BENCH_LIST names a file holding one image path per line.
-local bodies = {}
+-- wrk script: POST different Fashion-MNIST PNGs to an image endpoint.
+--   BENCH_LIST         a file holding one image path per line
+--   BENCH_PER_REQUEST  images per request: 1 (default) sends a raw image/png body; more sends
+--                      them as multipart/form-data file parts (clients that send groups)
+-- Requests are formatted once in init, so that the load generator, which shares the cores
+-- with the server, spends as little as possible per request.
+local requests = {}
 local i = 0
+local boundary = "swavbenchboundary7d1f"
+
+local function multipart(files, first, last)
+  local parts = {}
+  for j = first, last do
+    parts[#parts + 1] = "--" .. boundary .. "\r\n"
+      .. "Content-Disposition: form-data; name=\"image\"; filename=\"" .. j .. ".png\"\r\n"
+      .. "Content-Type: image/png\r\n\r\n" .. files[j] .. "\r\n"
+  end
+  parts[#parts + 1] = "--" .. boundary .. "--\r\n"
+  return table.concat(parts)
+end
 
 function init(args)
+  local per = tonumber(os.getenv("BENCH_PER_REQUEST") or "1")
+  local files = {}
   for path in io.lines(os.getenv("BENCH_LIST")) do
     local f = assert(io.open(path, "rb"))
-    bodies[#bodies + 1] = f:read("*a")
+    files[#files + 1] = f:read("*a")
     f:close()
   end
-  i = math.random(#bodies)
+  for first = 1, #files - per + 1, per do
+    if per == 1 then
+      requests[#requests + 1] = wrk.format("POST", nil, {["Content-Type"] = "image/png"}, files[first])
+    else
+      local headers = {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}
+      requests[#requests + 1] = wrk.format("POST", nil, headers, multipart(files, first, first + per - 1))
+    end
+  end
+  i = math.random(#requests)
 end
 
 function request()
-  i = i % #bodies + 1
-  return wrk.format("POST", nil, {["Content-Type"] = "image/png"}, bodies[i])
+  i = i % #requests + 1
+  return requests[i]
 end

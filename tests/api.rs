@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{InProcess, ServerConfig, call};
@@ -377,6 +377,34 @@ async fn abandoned_requests_are_dropped_before_inference() {
 
     let wrong = batcher.submit(vec![0.0; 3]).await;
     assert!(matches!(wrong, Err(BatchError::BadInput(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_only_for_images_that_are_on_their_way() {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::ZERO);
+    let metrics = Arc::new(Metrics::new());
+    let config = BatcherConfig { max_batch_size: 8, max_delay: Duration::from_secs(2), queue_capacity: 16 };
+    let batcher = Arc::new(Batcher::new(runner.clone(), 1, config, metrics.clone()));
+    let tensor = vec![0.5f32; bundle.manifest.input.tensor_len()];
+
+    // Nothing else announced: answered at once, not after the 2 s delay.
+    let started = Instant::now();
+    batcher.submit(tensor.clone()).await.expect("answered");
+    assert!(started.elapsed() < Duration::from_millis(1000), "a lone image waited {:?}", started.elapsed());
+
+    // One image announced (still decoding): the batch holding the other waits for it.
+    let announced = batcher.announce();
+    let other = tokio::spawn({
+        let (b, t) = (batcher.clone(), tensor.clone());
+        async move { b.submit(t).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!other.is_finished(), "the batch must wait for the announced image");
+    announced.submit(tensor.clone()).await.expect("answered");
+    other.await.expect("join").expect("answered");
+    assert_eq!(metrics.batch_size.get_sample_count(), 2, "the two images must share one batch");
+    assert_eq!(metrics.batch_size.get_sample_sum(), 3.0);
 }
 
 #[test]

@@ -209,7 +209,7 @@ fn a_snapshot_with_tombstones_reopens_with_its_stored_graph() {
     // A damaged graph file costs a rebuild, never data.
     drop(index);
     let snap = fs::read_dir(dir.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("snapshot-")).unwrap().path();
-    let graph_file = snap.join("graph.hnsw.graph");
+    let graph_file = snap.join("graph.bin");
     let mut bytes = fs::read(&graph_file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;

@@ -44,8 +44,9 @@ pub struct BuildArgs {
     /// Index directory (created if missing).
     #[arg(long, env = "SWAV_INDEX_OUT", value_name = "INDEX_DIR")]
     pub out: PathBuf,
-    /// Images per inference batch.
-    #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 64)]
+    /// Images per inference batch (and per durable index write). 128 was the fastest of 64, 128
+    /// and 256 for the default model on 2 cores (BENCHMARKS.md).
+    #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
     /// Decoding threads. Default: the number of cores.
     #[arg(long, env = "SWAV_INDEX_THREADS")]

@@ -12,7 +12,7 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct LogArgs {
     /// Log filter, e.g. `info`, `debug` (one line per request), or `swav=debug,ort=warn`.
-    #[arg(long, global = true, env = "SWAV_LOG", default_value = "info,ort=warn,hnsw_rs=warn")]
+    #[arg(long, global = true, env = "SWAV_LOG", default_value = "info,ort=warn")]
     pub log: String,
     /// Log line format.
     #[arg(long, global = true, env = "SWAV_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -64,9 +64,11 @@ pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOu
 /// Preprocesses and infers already-read images; the first failure fails the whole request and
 /// withdraws its other images from the queue.
 pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<ImageOutput>, ApiError> {
-    try_join_all(images.into_iter().enumerate().map(|(i, bytes)| async move {
+    // Announced before decoding, so that a batch being gathered waits for these images.
+    let announced: Vec<_> = images.iter().map(|_| state.batcher.announce()).collect();
+    try_join_all(images.into_iter().zip(announced).enumerate().map(|(i, (bytes, announced))| async move {
         let tensor = prepare(state, i, bytes).await?;
-        state.batcher.submit(tensor).await.map_err(ApiError::from)
+        announced.submit(tensor).await.map_err(ApiError::from)
     }))
     .await
 }

@@ -210,7 +210,7 @@ impl Index {
         let mut graph_restored = false;
         let mut state = match snap {
             Some(s) => {
-                let graph = snapshot::load_graph(&s.dir, s.slots.len());
+                let graph = snapshot::load_graph(&s.dir, &s.slots, graph_params(&opts), identity.dim);
                 graph_restored = graph.is_some();
                 State::restore(identity.dim, graph_params(&opts), s.slots, graph)
             }
@@ -476,32 +476,23 @@ impl Inner {
         if want == 0 {
             return Vec::new();
         }
-        // Ask for one more when the query item itself will be dropped.
-        let kk = want + exclude.is_some() as usize;
-        let ef = ef.unwrap_or(self.opts.ef_search).max(kk);
+        let ef = ef.unwrap_or(self.opts.ef_search).max(want);
         let accept = |slot: usize| {
             let s = &st.slots[slot];
             s.live && cluster.is_none_or(|c| s.cluster == c) && exclude != Some(&*s.id)
         };
-        let filter = |slot: &usize| accept(*slot);
-        let mut hits: Vec<(usize, f32)> = if cluster.is_some() {
-            st.graph.search(q, kk, ef, Some(&filter))
+        let mut hits = if cluster.is_some() && exact_is_cheaper(candidates, st.live_len(), ef) {
+            exact_scan(&st, q, want, &accept, cluster)
         } else {
-            // hnsw_rs gives up its early stop whenever a filter is set (measured: about half the
-            // queries/s), so tombstones and unpublished slots are over-fetched and dropped instead.
-            let extra = (st.tombstones + st.pending).min(kk);
-            st.graph.search(q, kk + extra, ef.max(kk + extra), None)
+            // Every node of the graph is a live, published item unless there are tombstones or
+            // inserts in flight; only then does the search need the filter.
+            let everything_live = cluster.is_none() && exclude.is_none() && st.tombstones + st.pending == 0;
+            let filter: Option<&dyn Fn(usize) -> bool> = if everything_live { None } else { Some(&accept) };
+            st.graph.search(q, want, ef, filter)
         };
-        hits.retain(|&(slot, _)| accept(slot));
-        hits.truncate(want);
-        if hits.len() < want && cluster.is_none() {
-            hits = st.graph.search(q, kk, ef, Some(&filter));
-            hits.retain(|&(slot, _)| accept(slot));
-            hits.truncate(want);
-        }
         if hits.len() < want {
-            // The graph can miss members of a small or scattered filtered set; an exact scan
-            // over the candidates is then both cheap and complete.
+            // The graph can miss members of a scattered filtered set; an exact scan over the
+            // candidates is then complete.
             hits = exact_scan(&st, q, want, &accept, cluster);
         }
         hits.into_iter()
@@ -558,6 +549,12 @@ impl Inner {
         tracing::info!(index = %self.dir.display(), items, tombstones, seconds, "index compacted");
         Ok(CompactReport { items, tombstones_removed: tombstones, seconds })
     }
+}
+
+/// A filtered graph search visits about `ef · items / members` nodes before it holds `ef`
+/// members; an exact scan of the members touches `members` vectors. Pick the smaller.
+fn exact_is_cheaper(members: usize, items: usize, ef: usize) -> bool {
+    (members as u128).pow(2) <= (ef as u128) * (items as u128)
 }
 
 fn exact_scan(st: &State, q: &[f32], k: usize, accept: &dyn Fn(usize) -> bool, cluster: Option<u32>) -> Vec<(usize, f32)> {

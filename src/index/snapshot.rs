@@ -2,29 +2,23 @@
 //! ids stay valid) plus a dump of the graph, written to a temporary directory, fsync'd, then
 //! renamed into place as `snapshot-<seq>`, where `seq` is the last log record it contains.
 //!
-//! `items.bin` is the authority. The graph dump only saves time: loading it takes about a
-//! second for 60k items where rebuilding takes about a minute (BENCHMARKS.md). It is used when
-//! its checksums (in `graph.json`) match and its size matches the items; otherwise the graph is
-//! rebuilt from the items and a warning says why.
+//! `items.bin` is the authority. The graph file (`graph.bin`, links only) saves the time of
+//! rebuilding the graph on start. It is used when its checksum passes and it matches the items;
+//! otherwise the graph is rebuilt from the items and a warning says why.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::codec::{ItemRecord, Reader, put_item_parts, put_u32, put_u64};
 use super::error::IndexError;
-use super::graph::Graph;
+use super::graph::{GRAPH_FILE, Graph, GraphParams};
 
 const MAGIC: &[u8; 8] = b"SWAVSNP1";
 const VERSION: u32 = 1;
 const ITEMS_FILE: &str = "items.bin";
 const PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-snapshot-";
-const GRAPH_MANIFEST: &str = "graph.json";
-const GRAPH_BASENAME: &str = "graph";
-const GRAPH_FILES: [&str; 2] = ["graph.hnsw.graph", "graph.hnsw.data"];
 
 #[derive(Debug)]
 pub(crate) struct Snapshot {
@@ -32,12 +26,6 @@ pub(crate) struct Snapshot {
     /// Every slot in order, with whether it is live.
     pub slots: Vec<(bool, ItemRecord)>,
     pub dir: PathBuf,
-}
-
-#[derive(Serialize, Deserialize)]
-struct GraphManifest {
-    points: usize,
-    crc32: Vec<u32>,
 }
 
 /// Serialises items into the snapshot file format (header, items, trailing CRC).
@@ -77,56 +65,25 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), IndexError> {
         .map_err(IndexError::io("cannot fsync directory", dir))
 }
 
-fn sync_file(path: &Path) -> Result<(), IndexError> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(IndexError::io("cannot fsync", path))
-}
-
-/// Dumps the graph next to the items, with checksums, and fsyncs every file.
+/// Writes the graph's links next to the items and fsyncs them.
 fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
-    if graph.len() == 0 {
-        return Ok(()); // hnsw_rs cannot dump an empty graph, and there is nothing to save
-    }
-    graph.dump(dir, GRAPH_BASENAME).map_err(|e| IndexError::Io {
-        context: "cannot dump graph into",
-        path: dir.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
-    let mut crc32 = Vec::new();
-    for name in GRAPH_FILES {
-        let path = dir.join(name);
-        let bytes = fs::read(&path).map_err(IndexError::io("cannot read back", &path))?;
-        crc32.push(crc32fast::hash(&bytes));
-        sync_file(&path)?;
-    }
-    let manifest = GraphManifest { points: graph.len(), crc32 };
-    let path = dir.join(GRAPH_MANIFEST);
-    fs::write(&path, serde_json::to_vec(&manifest).unwrap_or_default()).map_err(IndexError::io("cannot write", &path))?;
-    sync_file(&path)
+    let path = dir.join(GRAPH_FILE);
+    let mut f = fs::File::create(&path).map_err(IndexError::io("cannot create", &path))?;
+    f.write_all(&graph.encode())
+        .and_then(|()| f.sync_all())
+        .map_err(IndexError::io("cannot write", &path))
 }
 
-/// The graph stored with a snapshot, if it is whole and has one point per slot.
-pub(crate) fn load_graph(snapshot_dir: &Path, slots: usize) -> Option<Graph> {
-    if slots == 0 {
+/// The graph stored with a snapshot, if it is whole and matches its items.
+pub(crate) fn load_graph(snapshot_dir: &Path, slots: &[(bool, ItemRecord)], params: GraphParams, dim: usize) -> Option<Graph> {
+    if slots.is_empty() {
         return None;
     }
-    let result = (|| -> Result<Graph, String> {
-        let text = fs::read(snapshot_dir.join(GRAPH_MANIFEST)).map_err(|e| format!("no graph manifest: {e}"))?;
-        let m: GraphManifest = serde_json::from_slice(&text).map_err(|e| format!("bad graph manifest: {e}"))?;
-        if m.points != slots || m.crc32.len() != GRAPH_FILES.len() {
-            return Err(format!("graph has {} points for {slots} items", m.points));
-        }
-        for (name, crc) in GRAPH_FILES.iter().zip(&m.crc32) {
-            let bytes = fs::read(snapshot_dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
-            if crc32fast::hash(&bytes) != *crc {
-                return Err(format!("{name} fails its checksum"));
-            }
-        }
-        let graph = Graph::load(snapshot_dir, GRAPH_BASENAME)?;
-        if graph.len() != slots {
-            return Err(format!("graph loaded {} points for {slots} items", graph.len()));
-        }
-        Ok(graph)
-    })();
+    let path = snapshot_dir.join(GRAPH_FILE);
+    let result = fs::read(&path).map_err(|e| format!("{}: {e}", path.display())).and_then(|bytes| {
+        let vectors: Vec<f32> = slots.iter().flat_map(|(_, it)| it.vector.iter().copied()).collect();
+        Graph::decode(&bytes, params, dim, vectors)
+    });
     match result {
         Ok(g) => Some(g),
         Err(reason) => {
@@ -259,18 +216,22 @@ mod tests {
         let item = ItemRecord { id: "x".into(), cluster: 3, metadata: None, vector: vec![0.6, 0.8] };
         let mut enc = Encoder::new(2, 9, 1);
         enc.push(true, &item.id, item.cluster, None, &item.vector);
-        let graph = Graph::new(super::super::graph::GraphParams { m: 4, ef_construction: 8 }, 1);
+        let params = GraphParams { m: 4, ef_construction: 8 };
+        let graph = Graph::new(params, 2, 1);
         graph.insert(&[(&item.vector[..], 0)]);
         let path = write(dir.path(), 9, enc, &graph).unwrap();
         let snap = load_latest(dir.path(), 2).unwrap().unwrap();
-        assert_eq!((snap.seq, snap.slots), (9, vec![(true, item)]));
-        assert_eq!(load_graph(&path, 1).expect("graph reloads").len(), 1);
-        assert!(load_graph(&path, 2).is_none(), "a graph of the wrong size must not be used");
-        let g = path.join(GRAPH_FILES[0]);
+        assert_eq!((snap.seq, &snap.slots), (9, &vec![(true, item.clone())]));
+        assert_eq!(load_graph(&path, &snap.slots, params, 2).expect("graph reloads").len(), 1);
+        let two = vec![(true, item.clone()), (true, item.clone())];
+        assert!(load_graph(&path, &two, params, 2).is_none(), "a graph of the wrong size must not be used");
+        let other_m = GraphParams { m: 5, ef_construction: 8 };
+        assert!(load_graph(&path, &snap.slots, other_m, 2).is_none(), "a graph built with another M must not be used");
+        let g = path.join(GRAPH_FILE);
         let mut gbytes = fs::read(&g).unwrap();
         gbytes[10] ^= 1;
         fs::write(&g, gbytes).unwrap();
-        assert!(load_graph(&path, 1).is_none(), "a damaged graph must not be used");
+        assert!(load_graph(&path, &snap.slots, params, 2).is_none(), "a damaged graph must not be used");
         assert!(load_latest(dir.path(), 3).unwrap_err().to_string().contains("dimension"));
         let file = path.join(ITEMS_FILE);
         let mut bytes = fs::read(&file).unwrap();

@@ -40,7 +40,7 @@ impl State {
             Some(g) => (slots, g),
             None => {
                 let live: Vec<_> = slots.into_iter().filter(|(live, _)| *live).collect();
-                let g = Graph::new(params, live.len());
+                let g = Graph::new(params, dim, live.len());
                 let points: Vec<(&[f32], usize)> = live.iter().enumerate().map(|(i, (_, it))| (&it.vector[..], i)).collect();
                 g.insert(&points);
                 (live, g)

@@ -1,0 +1,346 @@
+//! The HNSW algorithm (Malkov & Yashunin, 2018) over flat arrays: node ids are slot numbers,
+//! level-0 links live in one array with a fixed stride, and distances are `1 - dot` on unit
+//! vectors. This file holds no locks; `Graph` decides who may read or write.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+use super::kernel::{Kernel, prefetch};
+use super::visited::{Visited, with_visited};
+
+/// Level of a slot that has been reserved but not yet inserted.
+pub(crate) const ABSENT: u8 = u8::MAX;
+/// Levels above this are never drawn at any size we serve (P ≈ M^-16).
+pub(crate) const MAX_LEVEL: u8 = 15;
+
+/// A node and its distance to the query, ordered by distance.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scored {
+    pub dist: f32,
+    pub node: u32,
+}
+
+impl Scored {
+    /// Distances are `1 - cos`, so at least 0 up to rounding; clamping makes them non-negative,
+    /// whose f32 bit patterns sort as the numbers do.
+    #[inline]
+    fn clamped(self) -> Scored {
+        Scored { dist: self.dist.max(0.0), node: self.node }
+    }
+
+    /// Ordered as (distance, node); only for clamped distances.
+    #[inline]
+    fn key(self) -> u64 {
+        ((self.dist.to_bits() as u64) << 32) | self.node as u64
+    }
+
+    #[inline]
+    fn from_key(key: u64) -> Scored {
+        Scored { dist: f32::from_bits((key >> 32) as u32), node: key as u32 }
+    }
+}
+
+impl PartialEq for Scored {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Scored {}
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Distances are never NaN (unit vectors), so the plain comparison is a total order.
+        self.dist.partial_cmp(&other.dist).unwrap_or(Ordering::Equal).then(self.node.cmp(&other.node))
+    }
+}
+
+/// Where a new node links, found without the write lock (see `Graph::insert_one`).
+pub(crate) struct Plan {
+    /// Neighbours per level, from level 0 up; empty when the graph had no nodes.
+    pub links: Vec<Vec<u32>>,
+    /// The reverse links, with each neighbour's list already pruned, so that the exclusive
+    /// part of an insert is only copying. Each is applied only if the list is still `seen`.
+    pub reverse: Vec<ReverseLink>,
+}
+
+pub(crate) struct ReverseLink {
+    node: u32,
+    level: usize,
+    seen: Vec<u32>,
+    new: Vec<u32>,
+}
+
+pub(crate) struct Layers {
+    pub dim: usize,
+    /// Link cap on levels ≥ 1, and the number of links a new node gets on each level.
+    pub m: usize,
+    /// Link cap on level 0 (2M, as in the paper).
+    pub m0: usize,
+    pub ef_construction: usize,
+    pub kernel: Kernel,
+    pub vectors: Vec<f32>,
+    pub levels: Vec<u8>,
+    /// Per node: a count, then up to `m0` neighbour ids.
+    pub links0: Vec<u32>,
+    /// Per node: its neighbour lists on levels 1..=level.
+    pub upper: Vec<Vec<Vec<u32>>>,
+    pub entry: Option<(u32, u8)>,
+    pub present: usize,
+}
+
+impl Layers {
+    pub fn new(dim: usize, m: usize, ef_construction: usize) -> Layers {
+        Layers {
+            dim,
+            m,
+            m0: 2 * m,
+            ef_construction,
+            kernel: Kernel::detect(),
+            vectors: Vec::new(),
+            levels: Vec::new(),
+            links0: Vec::new(),
+            upper: Vec::new(),
+            entry: None,
+            present: 0,
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.levels.len()
+    }
+
+    #[inline]
+    pub fn vector(&self, node: u32) -> &[f32] {
+        let i = node as usize * self.dim;
+        &self.vectors[i..i + self.dim]
+    }
+
+    #[inline]
+    fn dist(&self, q: &[f32], node: u32) -> f32 {
+        1.0 - self.kernel.dot(q, self.vector(node))
+    }
+
+    #[inline]
+    pub fn neighbours(&self, node: u32, level: usize) -> &[u32] {
+        if level == 0 {
+            let base = node as usize * (self.m0 + 1);
+            let n = self.links0[base] as usize;
+            &self.links0[base + 1..base + 1 + n]
+        } else {
+            &self.upper[node as usize][level - 1]
+        }
+    }
+
+    /// Starts loading a node's link list (every cache line of it) before it is read.
+    #[inline]
+    fn prefetch_links(&self, node: u32, level: usize) {
+        if level == 0 {
+            let base = node as usize * (self.m0 + 1);
+            for line in self.links0[base..base + self.m0 + 1].chunks(16) {
+                prefetch(line);
+            }
+        }
+    }
+
+    pub fn set_neighbours(&mut self, node: u32, level: usize, ids: &[u32]) {
+        if level == 0 {
+            let base = node as usize * (self.m0 + 1);
+            let n = ids.len().min(self.m0);
+            self.links0[base] = n as u32;
+            self.links0[base + 1..base + 1 + n].copy_from_slice(&ids[..n]);
+        } else {
+            let list = &mut self.upper[node as usize][level - 1];
+            list.clear();
+            list.extend_from_slice(ids);
+        }
+    }
+
+    /// Grows the arrays to hold `slot` (slots may be inserted out of order by parallel inserts).
+    pub fn make_room(&mut self, slot: u32) {
+        let need = slot as usize + 1;
+        if self.levels.len() < need {
+            self.levels.resize(need, ABSENT);
+            self.vectors.resize(need * self.dim, 0.0);
+            self.links0.resize(need * (self.m0 + 1), 0);
+            self.upper.resize_with(need, Vec::new);
+        }
+    }
+
+    /// Greedy descent from the entry point to `level`, through the levels above it.
+    fn descend(&self, q: &[f32], level: u8) -> Option<Scored> {
+        let (entry, top) = self.entry?;
+        let mut best = Scored { dist: self.dist(q, entry), node: entry };
+        for lc in (level as usize + 1..=top as usize).rev() {
+            loop {
+                let mut moved = false;
+                for &n in self.neighbours(best.node, lc) {
+                    let d = self.dist(q, n);
+                    if d < best.dist {
+                        best = Scored { dist: d, node: n };
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        Some(best)
+    }
+
+    /// Beam search on one level (the paper's SEARCH-LAYER), nearest first. With `accept`,
+    /// every node is walked through but only accepted ones are returned, and the search stops
+    /// early only once it holds `ef` accepted nodes (as hnswlib does with a filter).
+    fn search_level(
+        &self,
+        visited: &mut Visited,
+        q: &[f32],
+        start: Scored,
+        ef: usize,
+        level: usize,
+        accept: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<Scored> {
+        let ok = |n: u32| accept.is_none_or(|f| f(n));
+        // Heaps of packed (distance, node) keys: one integer compare per heap step.
+        let mut candidates: BinaryHeap<Reverse<u64>> = BinaryHeap::with_capacity(ef * 4);
+        let mut results: BinaryHeap<u64> = BinaryHeap::with_capacity(ef + 1);
+        let start = start.clamped();
+        visited.insert(start.node);
+        candidates.push(Reverse(start.key()));
+        if ok(start.node) {
+            results.push(start.key());
+        }
+        let mut bound = if results.is_empty() { f32::INFINITY } else { start.dist };
+        while let Some(Reverse(key)) = candidates.pop() {
+            let c = Scored::from_key(key);
+            if c.dist > bound && results.len() >= ef {
+                break;
+            }
+            let links = self.neighbours(c.node, level);
+            for &n in links {
+                prefetch(self.vector(n));
+                visited.prefetch(n);
+            }
+            for &n in links {
+                if !visited.insert(n) {
+                    continue;
+                }
+                let s = Scored { dist: self.dist(q, n), node: n }.clamped();
+                if results.len() < ef || s.dist < bound {
+                    self.prefetch_links(n, level);
+                    candidates.push(Reverse(s.key()));
+                    if ok(n) {
+                        results.push(s.key());
+                        if results.len() > ef {
+                            results.pop();
+                        }
+                        bound = results.peek().map_or(f32::INFINITY, |&k| Scored::from_key(k).dist);
+                    }
+                }
+            }
+        }
+        let mut keys = results.into_vec();
+        keys.sort_unstable();
+        keys.into_iter().map(Scored::from_key).collect()
+    }
+
+    /// The `ef` nearest accepted nodes to `q`, nearest first.
+    pub fn search(&self, q: &[f32], ef: usize, accept: Option<&dyn Fn(u32) -> bool>) -> Vec<Scored> {
+        let Some(start) = self.descend(q, 0) else { return Vec::new() };
+        with_visited(self.slots(), |v| self.search_level(v, q, start, ef, 0, accept))
+    }
+
+    /// Keeps a candidate only if it is nearer to the base than to every candidate already kept:
+    /// the paper's neighbour-selection heuristic, which keeps links that point in different
+    /// directions. `candidates` are sorted nearest first. `pending` is a node not stored yet,
+    /// with its vector.
+    fn select(&self, candidates: &[Scored], m: usize, pending: Option<(u32, &[f32])>) -> Vec<u32> {
+        let vector = |n: u32| match pending {
+            Some((p, v)) if p == n => v,
+            _ => self.vector(n),
+        };
+        let mut kept: Vec<u32> = Vec::with_capacity(m);
+        for c in candidates {
+            if kept.len() >= m {
+                break;
+            }
+            let v = vector(c.node);
+            if kept.iter().all(|&r| 1.0 - self.kernel.dot(v, vector(r)) >= c.dist) {
+                kept.push(c.node);
+            }
+        }
+        kept
+    }
+
+    /// `node`'s links on `level` once `new` (vector `q`) joins them, pruned to the cap.
+    fn links_with(&self, node: u32, level: usize, new: u32, q: &[f32]) -> Vec<u32> {
+        let cap = if level == 0 { self.m0 } else { self.m };
+        let current = self.neighbours(node, level);
+        if current.contains(&new) {
+            return current.to_vec();
+        }
+        if current.len() < cap {
+            let mut ids = current.to_vec();
+            ids.push(new);
+            return ids;
+        }
+        let base = self.vector(node);
+        let mut candidates: Vec<Scored> = current
+            .iter()
+            .map(|&n| Scored { dist: 1.0 - self.kernel.dot(base, self.vector(n)), node: n })
+            .chain(std::iter::once(Scored { dist: 1.0 - self.kernel.dot(base, q), node: new }))
+            .collect();
+        candidates.sort_unstable();
+        self.select(&candidates, cap, Some((new, q)))
+    }
+
+    /// Finds the neighbours node `slot` (vector `q`, at `level`) should link to on each level,
+    /// and how their own lists change.
+    pub fn plan(&self, slot: u32, q: &[f32], level: u8) -> Plan {
+        let empty = Plan { links: Vec::new(), reverse: Vec::new() };
+        let Some((_, top)) = self.entry else { return empty };
+        let Some(mut start) = self.descend(q, level.min(top)) else { return empty };
+        let levels = level.min(top) as usize;
+        let mut links = vec![Vec::new(); levels + 1];
+        let mut reverse = Vec::new();
+        for lc in (0..=levels).rev() {
+            let found = with_visited(self.slots(), |v| self.search_level(v, q, start, self.ef_construction, lc, None));
+            start = found[0];
+            links[lc] = self.select(&found, self.m, None);
+            for &n in &links[lc] {
+                let new = self.links_with(n, lc, slot, q);
+                reverse.push(ReverseLink { node: n, level: lc, seen: self.neighbours(n, lc).to_vec(), new });
+            }
+        }
+        Plan { links, reverse }
+    }
+
+    /// Puts node `slot` into the graph with the links of `plan`. A reverse link whose list
+    /// changed since the plan (another insert touched it) is recomputed here.
+    pub fn link(&mut self, slot: u32, q: &[f32], level: u8, plan: Plan) {
+        self.make_room(slot);
+        let start = slot as usize * self.dim;
+        self.vectors[start..start + self.dim].copy_from_slice(q);
+        self.levels[slot as usize] = level;
+        self.upper[slot as usize] = vec![Vec::new(); level as usize];
+        for (lc, ids) in plan.links.iter().enumerate() {
+            self.set_neighbours(slot, lc, ids);
+        }
+        for r in plan.reverse {
+            let new = if self.neighbours(r.node, r.level) == r.seen.as_slice() {
+                r.new
+            } else {
+                self.links_with(r.node, r.level, slot, q)
+            };
+            self.set_neighbours(r.node, r.level, &new);
+        }
+        self.present += 1;
+        if self.entry.is_none_or(|(_, top)| level > top) {
+            self.entry = Some((slot, level));
+        }
+    }
+}

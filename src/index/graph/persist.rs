@@ -1,0 +1,140 @@
+//! The graph's on-disk form, stored in each snapshot as `graph.bin`: the links of every slot,
+//! not the vectors (the snapshot's items hold those). Little-endian, with a trailing CRC-32.
+//! Decoding checks every id and level, so a file that passes can never make a search index
+//! out of bounds.
+
+use super::GraphParams;
+use super::layers::{ABSENT, Layers, MAX_LEVEL};
+
+pub(crate) const GRAPH_FILE: &str = "graph.bin";
+const MAGIC: &[u8; 8] = b"SWAVHNS1";
+const VERSION: u32 = 1;
+
+pub(crate) fn encode(l: &Layers) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + l.slots() * (2 + 4 * (l.m0 + 1)));
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(l.dim as u32).to_le_bytes());
+    out.extend_from_slice(&(l.m as u32).to_le_bytes());
+    out.extend_from_slice(&(l.slots() as u64).to_le_bytes());
+    let (entry, top) = l.entry.unwrap_or((u32::MAX, ABSENT));
+    out.extend_from_slice(&entry.to_le_bytes());
+    out.push(top);
+    for node in 0..l.slots() as u32 {
+        let level = l.levels[node as usize];
+        out.push(level);
+        if level == ABSENT {
+            continue;
+        }
+        for lc in 0..=level as usize {
+            let ids = l.neighbours(node, lc);
+            out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+            for id in ids {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], String> {
+        if self.bytes.len() < n {
+            return Err(format!("graph file ends inside the {what}"));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, String> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| "short read".to_string())?))
+    }
+}
+
+pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec<f32>) -> Result<Layers, String> {
+    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+        return Err("not a swav graph file (bad magic)".into());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err("graph file fails its checksum".into());
+    }
+    let mut r = Cursor { bytes: &body[8..] };
+    let version = r.u32("version")?;
+    if version != VERSION {
+        return Err(format!("unknown graph file version {version}"));
+    }
+    let (file_dim, m) = (r.u32("dimension")? as usize, r.u32("M")? as usize);
+    if file_dim != dim || m != params.m {
+        return Err(format!("graph was built with dim {file_dim} and M {m}; the index wants {dim} and {}", params.m));
+    }
+    let slots = r.u64("slot count")? as usize;
+    if vectors.len() != slots * dim {
+        return Err(format!("graph has {slots} slots but the items hold {} vectors", vectors.len() / dim.max(1)));
+    }
+    let (entry, top) = (r.u32("entry point")?, r.u8("entry level")?);
+    let mut l = Layers::new(dim, m, params.ef_construction);
+    if slots > 0 {
+        l.make_room(slots as u32 - 1);
+    }
+    l.vectors = vectors;
+    let mut lists: Vec<(u32, usize, Vec<u32>)> = Vec::new();
+    for node in 0..slots as u32 {
+        let level = r.u8("node level")?;
+        if level == ABSENT {
+            return Err(format!("slot {node} is not in the graph"));
+        }
+        if level > MAX_LEVEL {
+            return Err(format!("slot {node} has level {level}, above the maximum {MAX_LEVEL}"));
+        }
+        l.levels[node as usize] = level;
+        l.upper[node as usize] = vec![Vec::new(); level as usize];
+        for lc in 0..=level as usize {
+            let n = r.u16("link count")? as usize;
+            let cap = if lc == 0 { l.m0 } else { l.m };
+            if n > cap {
+                return Err(format!("slot {node} has {n} links on level {lc}, above the cap {cap}"));
+            }
+            let ids = (0..n).map(|_| r.u32("link")).collect::<Result<Vec<_>, _>>()?;
+            lists.push((node, lc, ids));
+        }
+    }
+    if !r.bytes.is_empty() {
+        return Err("trailing bytes after the graph".into());
+    }
+    // Links are checked once every level is known: a link on level lc must point at a node
+    // that exists on level lc.
+    for (node, lc, ids) in lists {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= slots || (l.levels[id as usize] as usize) < lc) {
+            return Err(format!("slot {node} links to {bad} on level {lc}, where no such node exists"));
+        }
+        l.set_neighbours(node, lc, &ids);
+    }
+    l.present = slots;
+    l.entry = match slots {
+        0 => None,
+        _ if entry as usize >= slots || l.levels[entry as usize] != top => {
+            return Err(format!("entry point {entry} at level {top} does not match its node"));
+        }
+        _ => Some((entry, top)),
+    };
+    Ok(l)
+}
