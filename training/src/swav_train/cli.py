@@ -21,12 +21,17 @@ precedence: --preset, then --config FILE, then individual flags.
 examples:
   python -m swav_train train --preset fashion-mnist --out runs/fmnist
   python -m swav_train train --preset imagenet --data-dir ~/photos --out runs/photos --epochs 50
+  python -m swav_train train --data-dir ~/photos --out runs/photos --eval-train-dir L/train --eval-test-dir L/test
   python -m torch.distributed.run --nproc-per-node 4 -m swav_train train --preset imagenet --data-dir DIR --out RUN
 
 The run directory receives config.json, metrics.jsonl, tensorboard/, checkpoint.pt (written atomically
 each epoch), eval.json and bundle/ (model.onnx, manifest.json). Running the same command again resumes
 from RUN_DIR/checkpoint.pt. Under torch.distributed.run (torchrun) each process trains on its share of
 the data with DDP; --batch-size is per process.
+
+evaluation: Fashion-MNIST test against train, unless --eval-train-dir and --eval-test-dir name two
+labelled folders (ROOT/<class>/<image>, the same class subfolders in both; class names sorted give
+the label ids). Unreadable images are reported and skipped.
 
 fashion-mnist preset: 1 channel, 2 crops of 28 px (scale 0.14-1) + 4 crops of 16 px (scale 0.05-0.14),
 ResNet-18 at width 16 with the small stem, K=300 prototypes, batch 256, lr 0.6 -> 0.0006 (2 warmup epochs),
@@ -72,6 +77,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config_mod.from_dict({**base.to_dict(), **overrides})
 
 
+def add_eval_set_flags(parser: argparse.ArgumentParser) -> None:
+    """The labelled-set flags of export and eval; unset ones keep what the run's config recorded."""
+    group = parser.add_argument_group(
+        "labelled set (default: the one the run was trained with, else Fashion-MNIST test against train)")
+    group.add_argument("--eval-train-dir", metavar="DIR", default=None,
+                       help="labelled reference folder, one subfolder per class (ROOT/<class>/<image>); "
+                            "needs --eval-test-dir")
+    group.add_argument("--eval-test-dir", metavar="DIR", default=None,
+                       help="labelled query folder with the same class subfolders; needs --eval-train-dir")
+    group.add_argument("--fashion-mnist-dir", metavar="DIR", default=None,
+                       help="evaluate on the Fashion-MNIST IDX files here instead "
+                            f"(default: {config_mod.FASHION_MNIST_DIR})")
+    group.add_argument("--eval-train-size", type=int, default=0,
+                       help="labelled reference images, a random subset (0 = all; Fashion-MNIST has 60000)")
+    group.add_argument("--eval-test-size", type=int, default=0,
+                       help="labelled query images, a random subset (0 = all; Fashion-MNIST has 10000)")
+
+
+def eval_set_from_args(recorded, args: argparse.Namespace):
+    """The labelled set to use: the command line's choice over the `recorded` EvalSet."""
+    return recorded.override(args.fashion_mnist_dir, args.eval_train_dir, args.eval_test_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m swav_train",
@@ -80,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and write RUN_DIR/bundle",
                        description="Train SwAV on an image folder or Fashion-MNIST; at the end evaluate on "
-                                   "Fashion-MNIST (linear probe, kNN, NMI/ARI) and export RUN_DIR/bundle.",
+                                   "Fashion-MNIST or on labelled folders (--eval-train-dir, --eval-test-dir): "
+                                   "linear probe, kNN, NMI/ARI; then export RUN_DIR/bundle.",
                        epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--out", "--run-dir", dest="out", required=True, metavar="RUN_DIR",
                    help="run directory (created; resumed from when it holds checkpoint.pt)")
@@ -99,23 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     e.add_argument("--golden", nargs="+", metavar="IMAGE", default=None,
                    help="image files to copy into BUNDLE_DIR/golden with their expected tensors and outputs")
-    e.add_argument("--evaluate", action="store_true", help="evaluate on Fashion-MNIST and put the metrics in the manifest")
-    e.add_argument("--eval-train-size", type=int, default=0, help="labelled reference images (0 = all)")
-    e.add_argument("--eval-test-size", type=int, default=0, help="labelled query images (0 = all)")
+    e.add_argument("--evaluate", action="store_true",
+                   help="evaluate on the labelled set below and put the metrics in the manifest")
     e.add_argument("--name", default=None, help="bundle name (default: from the checkpoint's config)")
+    add_eval_set_flags(e)
 
-    v = sub.add_parser("eval", help="evaluate a bundle or checkpoint on Fashion-MNIST",
+    v = sub.add_parser("eval", help="evaluate a bundle or checkpoint on Fashion-MNIST or labelled folders",
                        description="Linear probe, weighted kNN (k=20, T=0.07), NMI/ARI of k-means and of "
-                                   "prototype assignments, Fashion-MNIST test against train. Prints JSON.")
+                                   "prototype assignments: Fashion-MNIST test against train, or the images of "
+                                   "--eval-test-dir against those of --eval-train-dir (one subfolder per class, "
+                                   "the same classes in both). Prints JSON.",
+                       epilog="example: python -m swav_train eval runs/photos/bundle "
+                              "--eval-train-dir ~/labelled/train --eval-test-dir ~/labelled/test")
     v.add_argument("target", metavar="BUNDLE_OR_CHECKPOINT", help="a bundle directory or a checkpoint.pt")
-    v.add_argument("--fashion-mnist-dir", default=None, help=f"IDX directory (default: {config_mod.FASHION_MNIST_DIR})")
-    v.add_argument("--eval-train-size", type=int, default=0, help="labelled reference images (0 = all 60000)")
-    v.add_argument("--eval-test-size", type=int, default=0, help="labelled query images (0 = all 10000)")
     v.add_argument("--out", metavar="FILE", default=None,
                    help="also write the JSON here (default: RUN_DIR/eval.json for a checkpoint)")
     v.add_argument("--no-update-manifest", action="store_true",
                    help="do not store the results in the bundle's manifest.json (for a checkpoint: "
                         "RUN_DIR/bundle/manifest.json, when present)")
+    add_eval_set_flags(v)
     return parser
 
 
@@ -138,7 +169,8 @@ def cmd_export(args) -> int:
         cfg = cfg.replace(name=args.name)
     evaluation = None
     if args.evaluate:
-        evaluation = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size)
+        eval_set = eval_set_from_args(evaluate.EvalSet.of(cfg.to_dict()), args)
+        evaluation = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size, eval_set)
     golden = [Path(g) for g in args.golden] if args.golden else None
     for g in golden or []:
         if not g.is_file():
@@ -157,18 +189,16 @@ def cmd_eval(args) -> int:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{target} is a directory without manifest.json (not a bundle)")
         manifest = json.loads(manifest_path.read_text())
-        fm_dir = args.fashion_mnist_dir or manifest.get("training", {}).get("fashion_mnist_dir") \
-            or config_mod.FASHION_MNIST_DIR
-        result = evaluate.evaluate_bundle(target, fm_dir, args.eval_train_size, args.eval_test_size)
+        eval_set = eval_set_from_args(evaluate.EvalSet.of(manifest.get("training") or {}), args)
+        result = evaluate.evaluate_bundle(target, eval_set, args.eval_train_size, args.eval_test_size)
         if not args.no_update_manifest:
             manifest["evaluation"] = result
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         out = Path(args.out) if args.out else None
     else:
         model, cfg, _ = checkpoint.model_from_checkpoint(target)
-        if args.fashion_mnist_dir:
-            cfg = cfg.replace(fashion_mnist_dir=args.fashion_mnist_dir)
-        result = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size)
+        eval_set = eval_set_from_args(evaluate.EvalSet.of(cfg.to_dict()), args)
+        result = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size, eval_set)
         out = Path(args.out) if args.out else target.parent / "eval.json"
         run_bundle = target.parent / "bundle" / "manifest.json"
         if run_bundle.is_file() and not args.no_update_manifest:

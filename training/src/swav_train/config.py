@@ -41,7 +41,7 @@ class TrainConfig:
     # ---- data -------------------------------------------------------------
     dataset: str = _f("folder", "training data: 'folder' (any images under --data-dir, searched recursively, no labels) or 'fashion-mnist' (IDX files)")
     data_dir: str = _f("", "image folder for dataset=folder")
-    fashion_mnist_dir: str = _f(FASHION_MNIST_DIR, "directory holding the Fashion-MNIST IDX .gz files (training data for dataset=fashion-mnist, and the default labelled evaluation set)")
+    fashion_mnist_dir: str = _f(FASHION_MNIST_DIR, "directory holding the Fashion-MNIST IDX .gz files (training data for dataset=fashion-mnist, and the labelled evaluation set unless --eval-train-dir and --eval-test-dir are given)")
     max_images: int = _f(0, "use only the first N training images (0 = all); for smoke tests")
     channels: int = _f(3, "input channels of the model: 1 (grayscale) or 3 (RGB); images are converted by the bundle preprocessing rule")
     image_size: int = _f(224, "model input height and width at inference (the centre crop of the exported bundle)")
@@ -95,8 +95,10 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
     # ---- evaluation ------------------------------------------------------
     evaluate: bool = _f(True, "evaluate on the labelled set at the end of training")
-    eval_train_size: int = _f(0, "labelled reference images for evaluation (0 = all 60000 Fashion-MNIST train images)")
-    eval_test_size: int = _f(0, "labelled query images for evaluation (0 = all 10000 Fashion-MNIST test images)")
+    eval_train_dir: str = _f("", "labelled reference folder for evaluation, one subfolder per class (ROOT/<class>/<image>); with --eval-test-dir it replaces Fashion-MNIST as the labelled set")
+    eval_test_dir: str = _f("", "labelled query folder for evaluation, with the same class subfolders as --eval-train-dir")
+    eval_train_size: int = _f(0, "labelled reference images for evaluation, a random subset (0 = all; Fashion-MNIST has 60000)")
+    eval_test_size: int = _f(0, "labelled query images for evaluation, a random subset (0 = all; Fashion-MNIST has 10000)")
     # ---- bundle ----------------------------------------------------------
     name: str = _f("", "bundle name shown by the server (default: <dataset>-<arch>w<width>)")
     description: str = _f("", "free-text bundle description")
@@ -267,3 +269,6 @@ def _validate(c: TrainConfig) -> None:
     need(c.threads >= 0, "threads", "must be >= 0")
     need(c.log_every > 0, "log_every", "must be positive")
     need(c.eval_train_size >= 0 and c.eval_test_size >= 0, "eval_train_size", "sizes must be >= 0")
+    for name, other in (("eval_train_dir", "eval_test_dir"), ("eval_test_dir", "eval_train_dir")):
+        need(bool(getattr(c, name)) or not getattr(c, other), name,
+             f"must be given together with {other} (labelled reference and query folders)")

@@ -1,10 +1,12 @@
-"""Data sources: any folder of images (recursive, unlabelled) and Fashion-MNIST IDX files."""
+"""Data sources: any folder of images (recursive, unlabelled), labelled folders
+(ROOT/<class>/<image>, for evaluation) and Fashion-MNIST IDX files."""
 
 from __future__ import annotations
 
 import gzip
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,16 +31,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def scan_folder(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+def scan_folder(root: str | Path, what: str = "data folder") -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files under `root` (recursive, sorted) whose header PIL can read,
-    and the (path, reason) of those it cannot."""
+    and the (path, reason) of those it cannot. `what` names the folder in errors."""
     root = Path(root)
     if not str(root):
-        raise DataError("no data folder given (use --data-dir DIR)")
+        raise DataError(f"no {what} given (use --data-dir DIR)")
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist")
+        raise DataError(f"{what} {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"data folder {root} is not a directory")
+        raise DataError(f"{what} {root} is not a directory")
     candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     good, bad = [], []
     for path in candidates:
@@ -86,6 +88,63 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         img = self.load(index)
         return self.transform(img) if self.transform else img
+
+
+# ---- labelled image folders (evaluation) ------------------------------------
+
+@dataclass(frozen=True)
+class LabelledFolder:
+    """ROOT/<class>/<image>: the readable images, their label ids (indices into the
+    sorted class names) and the (path, reason) of the files skipped as unreadable."""
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[Path, ...]
+    labels: np.ndarray
+    skipped: tuple[tuple[Path, str], ...]
+
+
+def _class_names(root: Path) -> tuple[str, ...]:
+    # Hidden folders (.git, .ipynb_checkpoints) are tooling, not classes.
+    return tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+
+def scan_labelled_folder(root: str | Path) -> LabelledFolder:
+    """Every readable image under ROOT/<class>/ (searched recursively), labelled by its class folder."""
+    root = Path(root)
+    paths, skipped = scan_folder(root, what="labelled folder")
+    classes = _class_names(root)
+    if len(classes) < 2:
+        raise DataError(f"labelled folder {root} needs at least 2 class subfolders (ROOT/<class>/<image>), "
+                        f"found {len(classes)}: {', '.join(classes) or 'none'}")
+    index = {name: i for i, name in enumerate(classes)}
+    kept, labels, loose = [], [], []
+    for path in paths:
+        top = path.relative_to(root).parts[0]
+        if top in index and path.parent != root:
+            kept.append(path)
+            labels.append(index[top])
+        else:
+            loose.append(path)
+    if loose:
+        log.warning("ignoring %d image(s) of %s outside its class folders, e.g. %s", len(loose), root, loose[0])
+    present = set(labels)
+    empty = [name for name, i in index.items() if i not in present]
+    if empty:
+        raise DataError(f"class folder(s) of {root} without readable images: {', '.join(empty)}")
+    return LabelledFolder(root, classes, tuple(kept), np.asarray(labels, dtype=np.int64), tuple(skipped))
+
+
+def labelled_folder_pair(train_root: str | Path, test_root: str | Path) -> tuple[LabelledFolder, LabelledFolder]:
+    """The reference and query folders; their class sets must match, or label ids would differ."""
+    train, test = scan_labelled_folder(train_root), scan_labelled_folder(test_root)
+    if train.classes != test.classes:
+        parts = [f"missing from {where.root}: {', '.join(sorted(set(other.classes) - set(where.classes)))}"
+                 for where, other in ((test, train), (train, test))
+                 if set(other.classes) - set(where.classes)]
+        raise DataError(f"the labelled folders {train.root} and {test.root} have different classes; "
+                        + "; ".join(parts))
+    return train, test
 
 
 # ---- Fashion-MNIST ---------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Frozen-feature evaluation on a labelled set (default: Fashion-MNIST test against train).
+"""Frozen-feature evaluation on a labelled set: Fashion-MNIST test against train (the default),
+or a labelled query folder against a labelled reference folder (ROOT/<class>/<image>).
 
 - linear probe: multinomial logistic regression (scikit-learn, lbfgs, C=1) on the
   standardised L2-normalised pooled features of the train split, top-1 on test;
@@ -10,23 +11,116 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from PIL import Image
 
 from swav_train import preprocess
-from swav_train.config import FASHION_MNIST_DIR, TrainConfig
-from swav_train.data import load_fashion_mnist
+from swav_train.config import FASHION_MNIST_DIR, ConfigError, TrainConfig
+from swav_train.data import FASHION_MNIST_CLASSES, DataError, labelled_folder_pair, load_fashion_mnist
 from swav_train.model import InferenceModel, SwAVModel
 from swav_train.preprocess import InputSpec
 
+log = logging.getLogger(__name__)
+
 Encoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Loader = Callable[[Any, InputSpec], np.ndarray]
 KNN_K, KNN_T = 20, 0.07
 
+
+# ---- the labelled set --------------------------------------------------------
+
+def _from_uint8(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    return preprocess.to_array(Image.fromarray(image), spec)
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """Both splits of a labelled set; `load` turns one item into the model's input tensor."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_items: np.ndarray  # uint8 H x W images, or image paths (dtype object)
+    train_labels: np.ndarray
+    test_items: np.ndarray
+    test_labels: np.ndarray
+    load: Loader
+    skipped: int = 0  # files left out while listing the folders
+
+
+def _fashion_mnist_data(root: str) -> LabelledData:
+    train_images, train_labels = load_fashion_mnist(root, "train")
+    test_images, test_labels = load_fashion_mnist(root, "t10k")
+    return LabelledData("fashion-mnist", FASHION_MNIST_CLASSES, train_images, train_labels, test_images,
+                        test_labels, _from_uint8)
+
+
+def _object_array(paths: tuple[Path, ...]) -> np.ndarray:
+    # An object array, so that index arrays select paths as they select Fashion-MNIST images.
+    items = np.empty(len(paths), dtype=object)
+    items[:] = paths
+    return items
+
+
+def _folder_data(train_dir: str, test_dir: str) -> LabelledData:
+    train, test = labelled_folder_pair(train_dir, test_dir)
+    return LabelledData(f"folders:{train.root.resolve()}|{test.root.resolve()}", train.classes,
+                        _object_array(train.paths), train.labels, _object_array(test.paths), test.labels,
+                        preprocess.load_array, len(train.skipped) + len(test.skipped))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Which labelled set to evaluate on: the two labelled folders when given, else Fashion-MNIST."""
+
+    fashion_mnist_dir: str = FASHION_MNIST_DIR
+    train_dir: str = ""
+    test_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.train_dir) != bool(self.test_dir):
+            raise ConfigError("folder evaluation needs both --eval-train-dir (labelled reference images) and "
+                              "--eval-test-dir (labelled query images)")
+
+    @property
+    def uses_folders(self) -> bool:
+        return bool(self.train_dir)
+
+    @classmethod
+    def of(cls, training: Mapping[str, Any]) -> "EvalSet":
+        """From a TrainConfig's dict (a checkpoint's, or a manifest's `training`); older ones lack the folders."""
+        return cls(training.get("fashion_mnist_dir") or FASHION_MNIST_DIR, training.get("eval_train_dir") or "",
+                   training.get("eval_test_dir") or "")
+
+    def override(self, fashion_mnist_dir: str | None = None, train_dir: str | None = None,
+                 test_dir: str | None = None) -> "EvalSet":
+        """Command-line choices over the recorded ones: folders first, then a Fashion-MNIST directory."""
+        if train_dir or test_dir:
+            return EvalSet(self.fashion_mnist_dir, train_dir or "", test_dir or "")
+        if fashion_mnist_dir:
+            return EvalSet(fashion_mnist_dir)
+        return self
+
+    def load(self) -> LabelledData:
+        if self.uses_folders:
+            return _folder_data(self.train_dir, self.test_dir)
+        return _fashion_mnist_data(self.fashion_mnist_dir)
+
+    def check(self) -> None:
+        """Raise DataError when the set is missing or unusable, without reading every pixel."""
+        if self.uses_folders:
+            labelled_folder_pair(self.train_dir, self.test_dir)
+        else:
+            load_fashion_mnist(self.fashion_mnist_dir, "t10k")
+
+
+# ---- encoders ----------------------------------------------------------------
 
 def spec_of(cfg: TrainConfig) -> InputSpec:
     return InputSpec(cfg.channels, cfg.resize_size, cfg.image_size, cfg.image_size)
@@ -59,15 +153,38 @@ def _subset(n_total: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:size])
 
 
-def encode_images(encode: Encoder, images: np.ndarray, spec: InputSpec, batch_size: int = 512):
-    """Encode uint8 H x W grayscale arrays through the bundle preprocessing rule."""
-    outs = [[], [], []]
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = np.stack([preprocess.to_array(Image.fromarray(a), spec) for a in chunk])
-        for acc, out in zip(outs, encode(batch)):
+def _batch_size(spec: InputSpec) -> int:
+    # 512 Fashion-MNIST-sized inputs per batch; fewer for larger ones, so that one
+    # batch's activations stay about as large.
+    return int(np.clip(512 * 28 * 28 // (spec.height * spec.width), 16, 512))
+
+
+def _load_or_skip(load: Loader, item, spec: InputSpec) -> np.ndarray | None:
+    try:
+        return load(item, spec)
+    except Exception as e:  # a header that parsed can still hide broken pixel data
+        log.warning("skipping unreadable image %s (%s: %s)", item, type(e).__name__, e)
+        return None
+
+
+def encode_images(encode: Encoder, items: np.ndarray, spec: InputSpec, load: Loader = _from_uint8,
+                  batch_size: int | None = None):
+    """Encode items (by default uint8 H x W arrays) through the bundle preprocessing rule:
+    (embeddings, projections, prototype scores, indices of the items encoded). An item
+    that cannot be decoded is reported and left out."""
+    batch_size = batch_size or _batch_size(spec)
+    outs, kept = ([], [], []), []
+    for start in range(0, len(items), batch_size):
+        loaded = [(i, _load_or_skip(load, items[i], spec)) for i in range(start, min(start + batch_size, len(items)))]
+        loaded = [(i, t) for i, t in loaded if t is not None]
+        if not loaded:
+            continue
+        kept += [i for i, _ in loaded]
+        for acc, out in zip(outs, encode(np.stack([t for _, t in loaded]))):
             acc.append(out)
-    return tuple(np.concatenate(o) for o in outs)
+    if not kept:
+        raise DataError(f"none of the {len(items)} evaluation images could be decoded")
+    return (*(np.concatenate(o) for o in outs), np.asarray(kept, dtype=np.int64))
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -105,22 +222,33 @@ def clustering_scores(assignments: np.ndarray, labels: np.ndarray) -> dict:
             "ari": float(adjusted_rand_score(labels, assignments))}
 
 
-def evaluate_encoder(encode: Encoder, spec: InputSpec, fashion_mnist_dir: str = FASHION_MNIST_DIR,
-                     train_size: int = 0, test_size: int = 0, seed: int = 0) -> dict:
+def _encode_split(encode: Encoder, spec: InputSpec, data: LabelledData, items: np.ndarray, labels: np.ndarray):
+    """(embeddings, prototype scores, int64 labels, images left out) of one split."""
+    emb, _, scores, kept = encode_images(encode, items, spec, data.load)
+    return emb, scores, labels[kept].astype(np.int64), len(items) - len(kept)
+
+
+def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalSet(), train_size: int = 0,
+                     test_size: int = 0, seed: int = 0) -> dict:
     from sklearn.cluster import KMeans
 
     t0 = time.perf_counter()
-    train_images, train_labels = load_fashion_mnist(fashion_mnist_dir, "train")
-    test_images, test_labels = load_fashion_mnist(fashion_mnist_dir, "t10k")
-    tr_idx, te_idx = _subset(len(train_images), train_size, seed), _subset(len(test_images), test_size, seed + 1)
-    train_y, test_y = train_labels[tr_idx].astype(np.int64), test_labels[te_idx].astype(np.int64)
-    train_emb, _, _ = encode_images(encode, train_images[tr_idx], spec)
-    test_emb, _, test_scores = encode_images(encode, test_images[te_idx], spec)
-    num_classes = 10
+    data = eval_set.load()
+    tr_idx = _subset(len(data.train_labels), train_size, seed)
+    te_idx = _subset(len(data.test_labels), test_size, seed + 1)
+    train_emb, _, train_y, tr_lost = _encode_split(encode, spec, data, data.train_items[tr_idx],
+                                                   data.train_labels[tr_idx])
+    test_emb, test_scores, test_y, te_lost = _encode_split(encode, spec, data, data.test_items[te_idx],
+                                                           data.test_labels[te_idx])
+    num_classes = len(data.classes)
+    if len(test_y) < num_classes:
+        raise DataError(f"{len(test_y)} query images are fewer than the {num_classes} classes k-means clusters into")
     kmeans = KMeans(n_clusters=num_classes, n_init=10, random_state=seed).fit_predict(test_emb)
     proto = test_scores.argmax(axis=1)
     return {
-        "dataset": "fashion-mnist", "train_size": int(len(tr_idx)), "test_size": int(len(te_idx)),
+        "dataset": data.name, "classes": list(data.classes),
+        "train_size": int(len(train_y)), "test_size": int(len(test_y)),
+        "skipped_unreadable": data.skipped + tr_lost + te_lost,
         "linear_probe_top1": linear_probe_accuracy(train_emb, train_y, test_emb, test_y),
         "knn_top1": knn_accuracy(train_emb, train_y, test_emb, test_y, num_classes=num_classes),
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
@@ -131,20 +259,23 @@ def evaluate_encoder(encode: Encoder, spec: InputSpec, fashion_mnist_dir: str = 
     }
 
 
-def evaluate_torch(model: SwAVModel, cfg: TrainConfig, train_size: int = 0, test_size: int = 0) -> dict:
+def evaluate_torch(model: SwAVModel, cfg: TrainConfig, train_size: int = 0, test_size: int = 0,
+                   eval_set: EvalSet | None = None) -> dict:
+    """Evaluate on `eval_set`, by default the one `cfg` names."""
     model.eval()
-    return evaluate_encoder(torch_encoder(model, cfg.mean, cfg.std), spec_of(cfg), cfg.fashion_mnist_dir,
-                            train_size, test_size)
+    return evaluate_encoder(torch_encoder(model, cfg.mean, cfg.std), spec_of(cfg),
+                            eval_set or EvalSet.of(cfg.to_dict()), train_size, test_size)
 
 
-def evaluate_bundle(bundle_dir: str | Path, fashion_mnist_dir: str = FASHION_MNIST_DIR, train_size: int = 0,
+def evaluate_bundle(bundle_dir: str | Path, eval_set: EvalSet | None = None, train_size: int = 0,
                     test_size: int = 0) -> dict:
+    """Evaluate a bundle through onnxruntime on `eval_set`, by default the one of its training config."""
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     inp = manifest["input"]
     spec = InputSpec(inp["channels"], inp["resize"]["size"], inp["height"], inp["width"])
-    return evaluate_encoder(onnx_encoder(bundle_dir / manifest["model_file"]), spec, fashion_mnist_dir,
-                            train_size, test_size)
+    eval_set = eval_set or EvalSet.of(manifest.get("training") or {})
+    return evaluate_encoder(onnx_encoder(bundle_dir / manifest["model_file"]), spec, eval_set, train_size, test_size)
 
 
 def summary(ev: dict) -> str:

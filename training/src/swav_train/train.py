@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Fields that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "evaluate", "eval_train_size",
-                     "eval_test_size", "name", "description", "fashion_mnist_dir", "data_dir"}
+                     "eval_test_size", "eval_train_dir", "eval_test_dir", "name", "description", "fashion_mnist_dir",
+                     "data_dir"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -192,14 +193,15 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def _check_eval_data(cfg: TrainConfig) -> None:
-    """Fail before training, not after it, when the labelled evaluation set is missing."""
-    from swav_train.data import load_fashion_mnist
+    """Fail before training, not after it, when the labelled evaluation set is missing or unusable."""
+    from swav_train.evaluate import EvalSet
 
+    eval_set = EvalSet.of(cfg.to_dict())
     try:
-        load_fashion_mnist(cfg.fashion_mnist_dir, "t10k")
+        eval_set.check()
     except DataError as e:
-        raise DataError(f"{e}; the end-of-training evaluation needs it (pass --fashion-mnist-dir DIR, "
-                        "or --no-evaluate)") from None
+        fix = "check --eval-train-dir and --eval-test-dir" if eval_set.uses_folders else "pass --fashion-mnist-dir DIR"
+        raise DataError(f"{e}; the end-of-training evaluation needs it ({fix}, or --no-evaluate)") from None
 
 
 def _make_queue(cfg: TrainConfig, ctx: DistContext) -> EmbeddingQueue | None:
