@@ -176,3 +176,63 @@ fn a_second_open_of_the_same_directory_is_refused() {
     let err = Index::open_or_create(dir.path(), identity(), IndexOptions::default()).err().expect("must refuse");
     assert!(matches!(err, IndexError::Locked(_)), "{err}");
 }
+
+#[test]
+fn searches_run_during_writes_and_never_see_a_half_inserted_item() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const BATCHES: usize = 24;
+    const PER_BATCH: usize = 80; // above the graph's parallel-insert threshold
+    let dir = tempfile::tempdir().unwrap();
+    let index = open(dir.path());
+    let data = clustered(BATCHES * PER_BATCH, 12, 1.0, 11);
+    let batch_of = |id: &str| id.trim_start_matches('c').parse::<usize>().unwrap() / PER_BATCH;
+    // Batches whose add() has returned, and the batch being written.
+    let acked = AtomicUsize::new(0);
+    let started = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for (b, chunk) in data.chunks(PER_BATCH).enumerate() {
+                started.store(b + 1, Ordering::SeqCst);
+                let batch: Vec<NewItem> = items(chunk, "x")
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut it)| {
+                        it.id = format!("c{}", b * PER_BATCH + i);
+                        it.metadata = Some(serde_json::json!({"batch": b}));
+                        it
+                    })
+                    .collect();
+                index.add(batch).unwrap();
+                acked.store(b + 1, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        for reader in 0..2u64 {
+            let (index, data, acked, started, done) = (&index, &data, &acked, &started, &done);
+            s.spawn(move || {
+                let mut round = 0u64;
+                while !done.load(Ordering::SeqCst) || round < 50 {
+                    round += 1;
+                    let known = acked.load(Ordering::SeqCst) * PER_BATCH;
+                    let pick = ((round * 7919 + reader * 104_729) as usize) % data.len();
+                    let hits = index.search(&data[pick].0, 5, Some(64), None).unwrap();
+                    let writing = started.load(Ordering::SeqCst);
+                    for h in &hits {
+                        let b = batch_of(&h.id);
+                        assert!(b < writing, "{} comes from a batch not yet being written", h.id);
+                        let meta = h.metadata.as_ref().expect("a visible item has its metadata");
+                        assert_eq!(meta["batch"], b, "{} has another item's metadata", h.id);
+                        assert!(index.get(&h.id).is_some(), "{} was returned but cannot be read", h.id);
+                    }
+                    if pick < known {
+                        let want = format!("c{pick}");
+                        assert!(hits.iter().any(|h| h.id == want), "acknowledged {want} not found by its own vector");
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(index.len(), BATCHES * PER_BATCH);
+}
