@@ -39,7 +39,7 @@ fn main() {
     println!("reopen with stored graph: {:.2}s (restored: {})", t.elapsed().as_secs_f64(), index.stats().graph_restored);
     drop(index);
     for e in std::fs::read_dir(dir.path()).expect("ls").flatten() {
-        let g = e.path().join("graph.json");
+        let g = e.path().join("graph.bin");
         if g.exists() {
             std::fs::remove_file(g).expect("rm");
         }
