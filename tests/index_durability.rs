@@ -229,3 +229,26 @@ fn an_empty_index_snapshots_and_reopens() {
     index.add(items(&clustered(3, 1, 0.5, 20), "e")).unwrap();
     assert_eq!(index.len(), 3);
 }
+
+#[test]
+fn a_snapshot_without_its_graph_file_gets_it_back_after_one_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(400, 8, 1.0, 21);
+    {
+        let index = open(dir.path());
+        index.add(items(&data, "g")).unwrap();
+        index.close().unwrap();
+    }
+    // As an index written before swav stored graphs this way: items only.
+    let snap = fs::read_dir(dir.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("snapshot-")).unwrap().path();
+    fs::remove_file(snap.join("graph.bin")).unwrap();
+    let index = open(dir.path());
+    assert!(!index.stats().graph_restored, "there was no graph to restore");
+    assert_finds_itself(&index, &data, 0..400, "g");
+    drop(index);
+    assert!(!snap.join("graph.bin.tmp").exists());
+    let index = open(dir.path());
+    assert!(index.stats().graph_restored, "the rebuilt graph must have been stored for the next start");
+    assert_eq!(index.len(), 400);
+    assert_finds_itself(&index, &data, 0..400, "g");
+}

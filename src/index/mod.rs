@@ -208,14 +208,23 @@ impl Index {
         let last_log_seq = scan.records.last().map_or(0, |(s, _)| *s);
         let started = Instant::now();
         let mut graph_restored = false;
+        // Where the graph had to be rebuilt slot for slot (no tombstones), it is stored back
+        // into the snapshot so the next start does not rebuild it again.
+        let mut store_rebuilt_graph_in = None;
         let mut state = match snap {
             Some(s) => {
                 let graph = snapshot::load_graph(&s.dir, &s.slots, graph_params(&opts), identity.dim);
                 graph_restored = graph.is_some();
+                if !graph_restored && !s.slots.is_empty() && s.slots.iter().all(|(live, _)| *live) {
+                    store_rebuilt_graph_in = Some(s.dir.clone());
+                }
                 State::restore(identity.dim, graph_params(&opts), s.slots, graph)
             }
             None => State::restore(identity.dim, graph_params(&opts), Vec::new(), None),
         };
+        if let Some(snapshot_dir) = store_rebuilt_graph_in {
+            snapshot::store_graph(&snapshot_dir, &state.graph)?;
+        }
         let replayed = replay(&mut state, scan.records, snapshot_seq);
         tracing::info!(index = %dir.display(), items = state.live_len(), replayed,
             seconds = started.elapsed().as_secs_f64(), "index opened");

@@ -74,6 +74,19 @@ fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
         .map_err(IndexError::io("cannot write", &path))
 }
 
+/// Adds (or replaces) the graph file of an existing snapshot, atomically: a crash leaves either
+/// the old state or the whole new file, and a stray temporary file is never read.
+pub(crate) fn store_graph(snapshot_dir: &Path, graph: &Graph) -> Result<(), IndexError> {
+    let tmp = snapshot_dir.join(format!("{GRAPH_FILE}.tmp"));
+    let path = snapshot_dir.join(GRAPH_FILE);
+    let mut f = fs::File::create(&tmp).map_err(IndexError::io("cannot create", &tmp))?;
+    f.write_all(&graph.encode())
+        .and_then(|()| f.sync_all())
+        .map_err(IndexError::io("cannot write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(IndexError::io("cannot rename graph file into", &path))?;
+    sync_dir(snapshot_dir)
+}
+
 /// The graph stored with a snapshot, if it is whole and matches its items.
 pub(crate) fn load_graph(snapshot_dir: &Path, slots: &[(bool, ItemRecord)], params: GraphParams, dim: usize) -> Option<Graph> {
     if slots.is_empty() {
