@@ -65,13 +65,12 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), IndexError> {
         .map_err(IndexError::io("cannot fsync directory", dir))
 }
 
-/// Writes the graph's links next to the items and fsyncs them.
-fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
-    let path = dir.join(GRAPH_FILE);
-    let mut f = fs::File::create(&path).map_err(IndexError::io("cannot create", &path))?;
-    f.write_all(&graph.encode())
+/// Creates `path` with `bytes` and fsyncs it (the caller fsyncs the directory).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), IndexError> {
+    let mut f = fs::File::create(path).map_err(IndexError::io("cannot create", path))?;
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
-        .map_err(IndexError::io("cannot write", &path))
+        .map_err(IndexError::io("cannot write", path))
 }
 
 /// Adds (or replaces) the graph file of an existing snapshot, atomically: a crash leaves either
@@ -79,10 +78,7 @@ fn write_graph(dir: &Path, graph: &Graph) -> Result<(), IndexError> {
 pub(crate) fn store_graph(snapshot_dir: &Path, graph: &Graph) -> Result<(), IndexError> {
     let tmp = snapshot_dir.join(format!("{GRAPH_FILE}.tmp"));
     let path = snapshot_dir.join(GRAPH_FILE);
-    let mut f = fs::File::create(&tmp).map_err(IndexError::io("cannot create", &tmp))?;
-    f.write_all(&graph.encode())
-        .and_then(|()| f.sync_all())
-        .map_err(IndexError::io("cannot write", &tmp))?;
+    write_synced(&tmp, &graph.encode())?;
     fs::rename(&tmp, &path).map_err(IndexError::io("cannot rename graph file into", &path))?;
     sync_dir(snapshot_dir)
 }
@@ -114,13 +110,9 @@ pub(crate) fn write(index_dir: &Path, seq: u64, enc: Encoder, graph: &Graph) -> 
         fs::remove_dir_all(&tmp).map_err(IndexError::io("cannot clear", &tmp))?;
     }
     fs::create_dir(&tmp).map_err(IndexError::io("cannot create", &tmp))?;
-    let file_path = tmp.join(ITEMS_FILE);
-    let bytes = enc.finish();
-    let mut f = fs::File::create(&file_path).map_err(IndexError::io("cannot create", &file_path))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(IndexError::io("cannot write", &file_path))?;
-    write_graph(&tmp, graph)?;
+    write_synced(&tmp.join(ITEMS_FILE), &enc.finish())?;
+    // The graph's links, so that opening need not rebuild them.
+    write_synced(&tmp.join(GRAPH_FILE), &graph.encode())?;
     sync_dir(&tmp)?;
     let dest = index_dir.join(format!("{PREFIX}{seq:020}"));
     if dest.exists() {
