@@ -1,6 +1,7 @@
 //! The three ways a request carries images: a raw body, multipart file parts, or JSON base64.
 
 use axum::body::Bytes;
+use axum::extract::multipart::Field;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{StatusCode, header};
 use base64::Engine as _;
@@ -56,17 +57,27 @@ async fn read_body(req: Request) -> Result<Bytes, ApiError> {
         .map_err(|e| body_error(e.status(), e.body_text()))
 }
 
-async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
-    let mut multipart = Multipart::from_request(req, &())
+/// A multipart body, as JSON errors: a bad header is 400.
+pub(super) async fn open_multipart(req: Request) -> Result<Multipart, ApiError> {
+    Multipart::from_request(req, &())
         .await
-        .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))?;
+        .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))
+}
+
+/// The next part, or None after the last; a malformed body is 400 and an over-limit one 413.
+pub(super) async fn next_part(multipart: &mut Multipart) -> Result<Option<Field<'_>>, ApiError> {
+    multipart.next_field().await.map_err(|e| multipart_error(e.status(), e.body_text()))
+}
+
+/// A part's whole content, with the same error mapping as [`next_part`].
+pub(super) async fn part_bytes(field: Field<'_>) -> Result<Bytes, ApiError> {
+    field.bytes().await.map_err(|e| multipart_error(e.status(), e.body_text()))
+}
+
+async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
+    let mut multipart = open_multipart(req).await?;
     let mut images = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => return Err(multipart_error(e.status(), e.body_text())),
-        };
+    while let Some(field) = next_part(&mut multipart).await? {
         let is_file = field.file_name().is_some()
             || field
                 .content_type()
@@ -77,8 +88,7 @@ async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, A
         if images.len() == max_images {
             return Err(too_many(max_images + 1, max_images));
         }
-        let data = field.bytes().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
-        images.push(data);
+        images.push(part_bytes(field).await?);
     }
     if images.is_empty() {
         return Err(ApiError::bad_request(
@@ -89,7 +99,7 @@ async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, A
     Ok(images)
 }
 
-pub(super) fn multipart_error(status: StatusCode, detail: String) -> ApiError {
+fn multipart_error(status: StatusCode, detail: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         body_error(status, detail)
     } else {

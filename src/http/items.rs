@@ -6,7 +6,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use prometheus::{Histogram, HistogramOpts};
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::AppState;
 use super::error::ApiError;
 use super::images::infer_images;
-use super::input::{decode_base64, multipart_error, read_images};
+use super::input::{decode_base64, next_part, open_multipart, part_bytes, read_images};
 use crate::engine::ImageOutput;
 use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, ItemInfo, NewItem};
 use crate::metrics::Metrics;
@@ -198,22 +198,12 @@ async fn uploads_from_json(req: Request) -> Result<Vec<Upload>, ApiError> {
 }
 
 async fn uploads_from_multipart(req: Request) -> Result<Vec<Upload>, ApiError> {
-    let mut multipart = Multipart::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))?;
+    let mut multipart = open_multipart(req).await?;
     let mut uploads = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return Err(multipart_error(e.status(), e.body_text())),
-        };
+    while let Some(field) = next_part(&mut multipart).await? {
         // The part's file name is the id when it has one, else its field name.
         let id = field.file_name().or(field.name()).unwrap_or_default().to_string();
-        let image = field
-            .bytes()
-            .await
-            .map_err(|e| multipart_error(e.status(), e.body_text()))?;
+        let image = part_bytes(field).await?;
         uploads.push(Upload { id, image, metadata: None });
     }
     Ok(uploads)
