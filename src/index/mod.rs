@@ -317,7 +317,7 @@ impl Index {
     /// The stored (unit-length) vector of an item.
     pub fn vector(&self, id: &str) -> Option<Vec<f32>> {
         let st = self.inner.state.read();
-        st.by_id.get(id).map(|&slot| st.vector(slot).to_vec())
+        st.by_id.get(id).map(|&slot| st.graph.vectors().get(slot).to_vec())
     }
 
     pub fn len(&self) -> usize {
@@ -521,10 +521,11 @@ impl Inner {
         let enc = {
             let st = self.state.read();
             let mut enc = snapshot::Encoder::new(self.identity.dim, seq, st.slots.len());
+            let vectors = st.graph.vectors();
             for (slot, s) in st.slots.iter().enumerate() {
                 // Tombstones keep their place: the graph dump refers to slots by number.
                 let metadata = if s.live { s.metadata.as_deref() } else { None };
-                enc.push(s.live, &s.id, s.cluster, metadata, st.vector(slot));
+                enc.push(s.live, &s.id, s.cluster, metadata, vectors.get(slot));
             }
             (enc, Arc::clone(&st.graph))
         };
@@ -571,8 +572,9 @@ fn exact_scan(st: &State, q: &[f32], k: usize, accept: &dyn Fn(usize) -> bool, c
         Some(c) => st.clusters.get(&c).map_or(Vec::new(), |m| m.iter().filter_map(|id| st.by_id.get(id).copied()).collect()),
         None => st.by_id.values().copied().collect(),
     };
+    let vectors = st.graph.vectors();
     let mut scored: Vec<(usize, f32)> =
-        slots.into_iter().filter(|&s| accept(s)).map(|s| (s, graph::dot(q, st.vector(s)))).collect();
+        slots.into_iter().filter(|&s| accept(s)).map(|s| (s, graph::dot(q, vectors.get(s)))).collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1));
     scored.truncate(k);
     scored

@@ -19,11 +19,9 @@ pub(crate) struct Slot {
 }
 
 pub(crate) struct State {
-    pub dim: usize,
+    /// Also holds every slot's unit vector (for snapshots, exact scans and search-by-id).
     pub graph: Arc<Graph>,
     pub slots: Vec<Slot>,
-    /// `dim` floats per slot, unit length; kept for snapshots, exact scans and search-by-id.
-    pub vectors: Vec<f32>,
     pub by_id: HashMap<Arc<str>, usize>,
     pub clusters: BTreeMap<u32, BTreeSet<Arc<str>>>,
     pub tombstones: usize,
@@ -47,10 +45,8 @@ impl State {
             }
         };
         let mut st = State {
-            dim,
             graph: Arc::new(graph),
             slots: Vec::with_capacity(slots.len()),
-            vectors: Vec::with_capacity(slots.len() * dim),
             by_id: HashMap::with_capacity(slots.len()),
             clusters: BTreeMap::new(),
             tombstones: 0,
@@ -88,7 +84,6 @@ impl State {
                 metadata: it.metadata.clone().map(Arc::new),
                 live: false,
             });
-            self.vectors.extend_from_slice(&it.vector);
         }
         self.pending += items.len();
         base
@@ -120,16 +115,13 @@ impl State {
         true
     }
 
-    pub fn vector(&self, slot: usize) -> &[f32] {
-        &self.vectors[slot * self.dim..(slot + 1) * self.dim]
-    }
-
     pub fn live_len(&self) -> usize {
         self.by_id.len()
     }
 
     /// Live items in slot order, as snapshot slots (for compaction).
     pub fn live_slots(&self) -> Vec<(bool, ItemRecord)> {
+        let vectors = self.graph.vectors();
         self.slots
             .iter()
             .enumerate()
@@ -138,7 +130,7 @@ impl State {
                 id: s.id.to_string(),
                 cluster: s.cluster,
                 metadata: s.metadata.as_deref().cloned(),
-                vector: self.vector(i).to_vec(),
+                vector: vectors.get(i).to_vec(),
             }))
             .collect()
     }

@@ -15,7 +15,7 @@ mod layers;
 mod persist;
 mod visited;
 
-use parking_lot::RwLock;
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use rayon::prelude::*;
 
 use layers::{Layers, MAX_LEVEL};
@@ -122,6 +122,13 @@ impl Graph {
         found.into_iter().map(|s| (s.node as usize, 1.0 - s.dist)).collect()
     }
 
+    /// The inserted vectors, read-locked until dropped (the index keeps no other copy).
+    pub fn vectors(&self) -> Vectors<'_> {
+        let guard = self.layers.read();
+        let dim = guard.dim;
+        Vectors { floats: RwLockReadGuard::map(guard, |l| &l.vectors[..]), dim }
+    }
+
     /// The graph's links in the snapshot format (see `persist`).
     pub fn encode(&self) -> Vec<u8> {
         encode(&self.layers.read())
@@ -131,6 +138,19 @@ impl Graph {
     /// items hold, so the graph file does not repeat them).
     pub fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec<f32>) -> Result<Graph, String> {
         decode(bytes, params, dim, vectors).map(Graph::from_layers)
+    }
+}
+
+/// Read access to the graph's vectors by slot; inserts wait while one is held.
+pub(crate) struct Vectors<'a> {
+    floats: MappedRwLockReadGuard<'a, [f32]>,
+    dim: usize,
+}
+
+impl Vectors<'_> {
+    /// The unit vector of an inserted slot.
+    pub fn get(&self, slot: usize) -> &[f32] {
+        &self.floats[slot * self.dim..(slot + 1) * self.dim]
     }
 }
 
