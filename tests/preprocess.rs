@@ -185,3 +185,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_images_small_in_and_out_count_as_small() {
+    let gray = gray28();
+    assert!(gray.is_small(&common::gray_png(28, 28, 1)), "a Fashion-MNIST sized PNG");
+    assert!(gray.is_small(&common::rgb_png(64, 64, 2)), "64×64 is the largest small image");
+    assert!(!gray.is_small(&common::gray_png(65, 64, 3)), "over 64×64 pixels");
+    assert!(!gray.is_small(&common::bomb_png(20_000, 20_000)), "few bytes, but a huge header");
+    assert!(!gray.is_small(&common::gray_png(64, 1, 4)), "resizing 64×1 to a 28 px short side is large");
+    assert!(!gray.is_small(b"not an image"), "an unreadable header goes to the pool, which reports it");
+    assert!(!gray.is_small(b""), "nor does an empty body");
+    let large_model = Preprocessor::new(&spec(3, 224, 224, 224), DecodeLimits::default());
+    assert!(!large_model.is_small(&common::rgb_png(28, 28, 5)), "the output alone is 224×224");
+}

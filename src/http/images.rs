@@ -1,4 +1,4 @@
-//! `/v1/embed` and `/v1/assign`: read images, preprocess them on the decode pool, batch them.
+//! `/v1/embed` and `/v1/assign`: read images, preprocess them (large ones on the decode pool), batch them.
 
 use std::time::Instant;
 
@@ -73,18 +73,24 @@ pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Im
     .await
 }
 
-/// Decodes on the bounded blocking pool so the async runtime never decodes.
+/// Decodes on the bounded blocking pool so the async runtime never spends long decoding. Images
+/// of at most 64×64 pixels are the exception: they decode in microseconds, less than the
+/// hand-off to the pool costs (measured: BENCHMARKS.md, "Serving").
 async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32>, ApiError> {
-    let _permit = state
-        .decode_permits
-        .acquire()
-        .await
-        .map_err(|_| ApiError::internal("decode pool closed"))?;
-    let preprocessor = state.preprocessor.clone();
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
-        .await
-        .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?;
+    let result = if state.preprocessor.is_small(&bytes) {
+        state.preprocessor.prepare(&bytes)
+    } else {
+        let _permit = state
+            .decode_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("decode pool closed"))?;
+        let preprocessor = state.preprocessor.clone();
+        tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
+            .await
+            .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?
+    };
     let metrics = &state.metrics;
     metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
     match result {

@@ -65,6 +65,12 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Prepr
     Ok(img)
 }
 
+/// Width and height from the header alone, or `None` when the header does not parse (the full
+/// decode then reports why).
+pub fn header_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
 fn classify(err: ImageError) -> PreprocessError {
     match err {
         ImageError::Limits(e) => PreprocessError::DecoderLimit(e.to_string()),

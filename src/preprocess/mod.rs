@@ -83,6 +83,11 @@ impl PreprocessError {
     }
 }
 
+/// Most pixels, before and after resizing, of an image that [`Preprocessor::is_small`] accepts.
+pub const SMALL_IMAGE_PIXELS: u64 = 64 * 64;
+/// Most encoded bytes of such an image.
+const SMALL_IMAGE_BYTES: usize = 32 * 1024;
+
 /// Turns encoded images into the model's input tensors.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
@@ -105,6 +110,21 @@ impl Preprocessor {
     /// Length of one tensor returned by [`Preprocessor::prepare`] (C×H×W).
     pub fn tensor_len(&self) -> usize {
         self.input.tensor_len()
+    }
+
+    /// Whether preparing `bytes` is cheap enough (a few microseconds: at most 64×64 pixels in and
+    /// out, read from the header) to do where the request arrives rather than on a decode pool:
+    /// for such images the hand-off to another thread costs more than the decoding.
+    pub fn is_small(&self, bytes: &[u8]) -> bool {
+        let crop = u64::from(self.input.crop.width) * u64::from(self.input.crop.height);
+        if bytes.len() > SMALL_IMAGE_BYTES || crop > SMALL_IMAGE_PIXELS {
+            return false;
+        }
+        let Some((width, height)) = decode::header_dimensions(bytes) else {
+            return false;
+        };
+        let (w, h) = resize::shorter_side_size(width as usize, height as usize, self.input.resize.size as usize);
+        u64::from(width) * u64::from(height) <= SMALL_IMAGE_PIXELS && (w as u64) * (h as u64) <= SMALL_IMAGE_PIXELS
     }
 
     /// Decodes `bytes` and returns the C×H×W tensor with values in [0, 1].
