@@ -51,6 +51,13 @@ pub struct BuildArgs {
     /// Decoding threads. Default: the number of cores.
     #[arg(long, env = "SWAV_INDEX_THREADS")]
     pub threads: Option<usize>,
+    /// Inference workers, each with its own ONNX Runtime session running whole batches.
+    /// Default: the number of cores, so each session runs single-threaded (intra-op threads
+    /// default to cores / workers): on 2 cores that beat one session with 2 threads, whose
+    /// threads wait on each other while decoding and graph inserts take the other core
+    /// (BENCHMARKS.md, "Index").
+    #[arg(long, env = "SWAV_INDEX_WORKERS")]
+    pub workers: Option<usize>,
     /// Do not draw the progress bar.
     #[arg(long, env = "SWAV_NO_PROGRESS")]
     pub no_progress: bool,
@@ -138,11 +145,17 @@ impl Embedder for ModelEmbedder {
 
 fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let sources = indexer::list(&args.input)?;
-    let (bundle, engine, _) = args.model.load(1)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.workers.unwrap_or(cores).max(1);
+    let (bundle, engine, _) = args.model.load(workers)?;
     let index = open_for_model(&args.out, &bundle)?;
     let embedder = ModelEmbedder { preprocessor: Preprocessor::new(&bundle.manifest.input, args.model.decode_limits()), engine };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let opts = BuildOptions { batch_size: args.batch_size, threads: args.threads.unwrap_or(cores), progress: !args.no_progress };
+    let opts = BuildOptions {
+        batch_size: args.batch_size,
+        threads: args.threads.unwrap_or(cores),
+        workers,
+        progress: !args.no_progress,
+    };
     let report = indexer::build(sources, &embedder, &index, &opts)?;
     index.close().with_context(|| format!("cannot snapshot index {}", args.out.display()))?;
     let rejected_path = args.out.join("rejected.tsv");

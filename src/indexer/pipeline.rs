@@ -1,6 +1,6 @@
 //! The indexing pipeline. Four stages joined by bounded channels, so memory stays flat and
 //! every stage works while the others do:
-//! reader thread (file bytes) → decode pool (rayon) → inference (batches) → index writer.
+//! reader thread (file bytes) → decode pool (rayon) → inference workers (batches) → index writer.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ pub struct BuildOptions {
     pub batch_size: usize,
     /// Decoding threads.
     pub threads: usize,
+    /// Inference threads, each gathering and embedding its own batches (give the embedder at
+    /// least as many sessions).
+    pub workers: usize,
     pub progress: bool,
 }
 
@@ -70,7 +73,7 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
 
     let (raw_tx, raw_rx) = bounded::<(Source, std::io::Result<Vec<u8>>)>(batch_size * 4);
     let (dec_tx, dec_rx) = bounded::<Decoded>(batch_size * 2);
-    let (add_tx, add_rx) = bounded::<Vec<NewItem>>(2);
+    let (add_tx, add_rx) = bounded::<Vec<NewItem>>(4);
 
     let (indexed, rejected) = std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -91,10 +94,24 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
             })
         });
         let writer = scope.spawn(|| write_batches(index, add_rx, &progress));
-        let inferred = infer(dec_rx, embedder, batch_size, add_tx, &progress);
+        let inferers: Vec<_> = (0..opts.workers.max(1))
+            .map(|_| {
+                let (rx, tx, progress) = (dec_rx.clone(), add_tx.clone(), &progress);
+                scope.spawn(move || infer(rx, embedder, batch_size, tx, progress))
+            })
+            .collect();
+        // Only the workers may hold the writer's channel open.
+        drop((dec_rx, add_tx));
+        let inferred: Vec<_> = inferers
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("inference worker panicked")))
+            .collect();
         // The writer's error first: when it fails, inference only sees a closed channel.
         let written = writer.join().map_err(|_| anyhow::anyhow!("index writer panicked"))??;
-        let (rejected, _) = inferred?;
+        let mut rejected = Vec::new();
+        for worker in inferred {
+            rejected.extend(worker??.0);
+        }
         anyhow::Ok((written, rejected))
     })?;
     progress.finish_and_clear();
@@ -165,9 +182,14 @@ fn infer(
 }
 
 /// Adds batches to the index (each durable when added); returns how many items were written.
+/// Batches that queued up while the previous write ran go into one write: one log sync and one
+/// parallel graph insert instead of several.
 fn write_batches(index: &Index, rx: Receiver<Vec<NewItem>>, progress: &ProgressBar) -> anyhow::Result<usize> {
     let mut written = 0;
-    for batch in rx {
+    while let Ok(mut batch) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+        }
         let n = batch.len();
         index.add(batch)?;
         written += n;
@@ -216,7 +238,7 @@ mod tests {
     #[test]
     fn indexes_good_files_rejects_bad_ones_and_resumes() {
         let (_dir, sources, index) = setup(50);
-        let opts = BuildOptions { batch_size: 8, threads: 2, progress: false };
+        let opts = BuildOptions { batch_size: 8, threads: 2, workers: 2, progress: false };
         let report = build(sources.clone(), &Fake { fail_embed: false }, &index, &opts).unwrap();
         assert_eq!((report.files, report.indexed, report.already_present), (51, 45, 0));
         let mut reasons: Vec<&str> = report.rejected.iter().map(|r| r.reason.as_str()).collect();
@@ -231,7 +253,7 @@ mod tests {
     #[test]
     fn a_failing_model_stops_the_build_with_its_error() {
         let (_dir, sources, index) = setup(500);
-        let opts = BuildOptions { batch_size: 4, threads: 2, progress: false };
+        let opts = BuildOptions { batch_size: 4, threads: 2, workers: 2, progress: false };
         let err = build(sources, &Fake { fail_embed: true }, &index, &opts).unwrap_err();
         assert!(err.to_string().contains("model exploded"), "{err}");
         assert!(index.is_empty());
