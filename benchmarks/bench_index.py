@@ -2,10 +2,11 @@
 """Nearest-neighbour benchmark for swav's index (issue 4), every figure from one run.
 
 1. Fashion-MNIST as PNGs (`swav dataset fashion-mnist`, train 60k + test 10k).
-2. Index build from the 60k train PNGs: `swav index build` against a plain Python script doing
-   the same work (PIL decode, onnxruntime in batches, hnswlib insert, save).
+2. Index build from all 70k PNGs (train + test): `swav index build` against a plain Python script
+   doing the same work (PIL decode, onnxruntime in batches, hnswlib insert, save).
 3. Recall@10 against exact search and single-thread queries/s for several `ef`, at M=16 and
-   ef_construction=200, for swav, the hnsw_rs crate, hnswlib and faiss IndexHNSWFlat, on the same vectors.
+   ef_construction=200, for swav, the hnsw_rs crate, hnswlib and faiss IndexHNSWFlat, on the same vectors
+   (each built and swept `--search-rounds` times, alternating; the fastest of each is kept).
 4. `swav serve --index`: RSS with the 60k items, index size on disk, and kNN accuracy (k=20
    majority vote) of every test image through `POST /v1/search` against exact kNN on the same
    embeddings; the index's share of a search request's time.
@@ -101,17 +102,6 @@ def python_index_build(embedder: PyEmbedder, files: list[Path], out: Path, batch
     return time.perf_counter() - started, np.concatenate(vectors)
 
 
-def embed_files(embedder: PyEmbedder, files: list[Path], batch: int = 256) -> np.ndarray:
-    out = []
-    for start in range(0, len(files), batch):
-        out.append(embedder.embed(np.stack([embedder.load(p) for p in files[start : start + batch]]))[0])
-    v = np.concatenate(out)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-# --------------------------------------------------------------------------- recall and speed
-
-
 def exact_top(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     top = []
     for start in range(0, len(queries), 1000):
@@ -159,14 +149,33 @@ def bench_faiss(base, queries, truth) -> list[dict]:
     return rows
 
 
-def bench_swav(example: Path, base, queries, truth, work: Path) -> list[dict]:
+def bench_swav(example: Path, base, queries, truth, work: Path, with_hnsw_rs: bool) -> list[dict]:
     paths = [work / "base.f32", work / "queries.f32", work / "truth.i32"]
     base.astype("<f4").tofile(paths[0])
     queries.astype("<f4").tofile(paths[1])
     truth.astype("<i4").tofile(paths[2])
     cmd = [str(example), *map(str, paths), str(base.shape[1]), ",".join(map(str, EFS))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ) if with_hnsw_rs else {**os.environ, "INDEX_BENCH_SWAV_ONLY": "1"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def search_rounds(example: Path, base, queries, truth, work: Path, rounds: int) -> list[dict]:
+    """Builds and sweeps every library `rounds` times, alternating, and keeps each one's fastest
+    sweep per ef (and fastest build): on a shared machine, noise only ever slows a run down, and
+    alternating gives every library the same chances. hnsw_rs, far behind, runs in the first round only."""
+    rows = []
+    for r in range(rounds):
+        rows += bench_swav(example, base, queries, truth, work, with_hnsw_rs=r == 0)
+        rows += bench_hnswlib(base, queries, truth) + bench_faiss(base, queries, truth)
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["library"], row.get("ef"))
+        speed = row.get("queries_per_second", -row.get("build_seconds", 0))
+        old = best.get(key)
+        if old is None or speed > old.get("queries_per_second", -old.get("build_seconds", 0)):
+            best[key] = {**row, "rounds": rounds}
+    return list(best.values())
 
 
 def best_qps_at(rows: list[dict], library: str, target: float) -> float | None:
@@ -252,8 +261,9 @@ def main() -> None:
     ap.add_argument("--swav", type=Path, default=Path("target/release/swav"))
     ap.add_argument("--example", type=Path, default=Path("target/release/examples/index_bench"))
     ap.add_argument("--client-threads", type=int, default=4)
+    ap.add_argument("--search-rounds", type=int, default=3, help="alternating build + ef sweeps per library; the best is kept")
     ap.add_argument("--knn-queries", type=int, default=10000, help="test images sent through /v1/search")
-    ap.add_argument("--train-limit", type=int, default=None, help="index only the first N train images (smoke runs)")
+    ap.add_argument("--train-limit", type=int, default=None, help="use only the first N train and N test images (smoke runs)")
     args = ap.parse_args()
     if not (args.model / "manifest.json").is_file():
         sys.exit(f"no model bundle at {args.model}; pass --model DIR")
@@ -269,40 +279,50 @@ def main() -> None:
     for split in ("train", "test"):
         log(f"dataset {split}: " + json.dumps(run_json([str(args.swav), "dataset", "fashion-mnist", "--split", split, "--out", str(work / split)])))
     train_files = sorted((work / "train").rglob("*.png"))[: args.train_limit]
-    test_files = sorted((work / "test").rglob("*.png"))
+    test_files = sorted((work / "test").rglob("*.png"))[: args.train_limit]
     train_ids = [str(p.relative_to(work / "train")) for p in train_files]
 
-    # 2. index build from PNG files, Rust then Python, fresh each time.
-    rust_index = work / "index-train"
-    shutil.rmtree(rust_index, ignore_errors=True)
+    # 2. index build from all 70k PNG files (train, then test), swav then the Python script, fresh each time.
+    all_files = train_files + test_files
+    build_list = work / "all-list.txt"
+    build_list.write_text("".join(f"{p.relative_to(work)}\n" for p in all_files))
+    all_index = work / "index-all"
+    shutil.rmtree(all_index, ignore_errors=True)
     t = time.perf_counter()
-    if args.train_limit is None:
-        build_input = work / "train"
-    else:
-        build_input = work / "train-list.txt"
-        build_input.write_text("".join(f"train/{i}\n" for i in train_ids))
-    report = run_json([str(args.swav), "index", "build", "--model", str(args.model), "--device", "cpu", "--input", str(build_input),
-                       "--out", str(rust_index), "--no-progress"])
+    report = run_json([str(args.swav), "index", "build", "--model", str(args.model), "--device", "cpu", "--input", str(build_list),
+                       "--out", str(all_index), "--no-progress"])
     rust_secs = time.perf_counter() - t
     log(f"swav index build: {report}")
     embedder = PyEmbedder(args.model)
-    py_secs, py_vectors = python_index_build(embedder, train_files, work / "hnswlib-train.bin")
+    py_secs, py_vectors = python_index_build(embedder, all_files, work / "hnswlib-all.bin")
     result["build"] = {
-        "images": len(train_files),
-        "swav_images_per_second": len(train_files) / rust_secs,
+        "images": len(all_files),
+        "swav_images_per_second": len(all_files) / rust_secs,
         "swav_seconds": rust_secs,
-        "python_images_per_second": len(train_files) / py_secs,
+        "python_images_per_second": len(all_files) / py_secs,
         "python_seconds": py_secs,
         "speedup": py_secs / rust_secs,
-        "index_dir_mib": dir_bytes(rust_index) / 2**20,
     }
     log(json.dumps(result["build"]))
+    shutil.rmtree(all_index)
+
+    # The index the server searches in step 4: the train images only (not timed).
+    rust_index = work / "index-train"
+    shutil.rmtree(rust_index, ignore_errors=True)
+    if args.train_limit is None:
+        train_input = work / "train"
+    else:
+        train_input = work / "train-list.txt"
+        train_input.write_text("".join(f"train/{i}\n" for i in train_ids))
+    run_json([str(args.swav), "index", "build", "--model", str(args.model), "--device", "cpu", "--input", str(train_input),
+              "--out", str(rust_index), "--no-progress"])
+    result["build"]["train_index_dir_mib"] = dir_bytes(rust_index) / 2**20
 
     # 3. recall and speed on the same vectors.
-    base = py_vectors / np.linalg.norm(py_vectors, axis=1, keepdims=True)
-    queries = embed_files(embedder, test_files)
+    base = py_vectors[: len(train_files)] / np.linalg.norm(py_vectors[: len(train_files)], axis=1, keepdims=True)
+    queries = py_vectors[len(train_files) :]
     truth = exact_top(base, queries, K)
-    rows = bench_swav(args.example, base, queries, truth, work) + bench_hnswlib(base, queries, truth) + bench_faiss(base, queries, truth)
+    rows = search_rounds(args.example, base, queries, truth, work, args.search_rounds)
     result["search"] = rows
     for r in rows:
         log(json.dumps(r))

@@ -44,8 +44,8 @@ pub struct BuildArgs {
     /// Index directory (created if missing).
     #[arg(long, env = "SWAV_INDEX_OUT", value_name = "INDEX_DIR")]
     pub out: PathBuf,
-    /// Images per inference batch (and per durable index write). 128 was the fastest of 64, 128
-    /// and 256 for the default model on 2 cores (BENCHMARKS.md).
+    /// Images per inference batch (at least that many per durable index write). For the default
+    /// model on 2 cores, 32, 64 and 128 measured the same (BENCHMARKS.md, "Index").
     #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
     /// Decoding threads. Default: the number of cores.

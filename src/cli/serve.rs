@@ -42,7 +42,8 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "SWAV_MAX_BODY_BYTES", default_value_t = RequestLimits::default().max_body_bytes)]
     pub max_body_bytes: usize,
-    /// Images decoded concurrently. Default: the number of cores.
+    /// Images decoded concurrently on the decode pool. Default: the number of cores. Images of at
+    /// most 64×64 pixels skip the pool: they decode faster than a hand-off to it.
     #[arg(long, env = "SWAV_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
     /// Require `Authorization: Bearer <KEY>` on /v1/* (health, ready and metrics stay open).

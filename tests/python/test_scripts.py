@@ -27,7 +27,7 @@ test_summary = load("test_summary", REPO / "scripts" / "lib" / "test_summary.py"
 
 ENTRY_POINTS = ["scripts/setup", "scripts/setup-train", "scripts/install-ort", "scripts/serve",
                 "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", ".ci/run"]  # fmt: skip
-SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh"]
+SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh", "benchmarks/quick_serve.sh", "benchmarks/ab_serve.sh"]
 
 
 def test_shell_scripts_pass_shellcheck():
