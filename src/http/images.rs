@@ -77,9 +77,9 @@ pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Im
 /// of at most 64×64 pixels are the exception: they decode in microseconds, less than the
 /// hand-off to the pool costs (measured: BENCHMARKS.md, "Serving").
 async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32>, ApiError> {
-    let started = Instant::now();
-    let result = if state.preprocessor.is_small(&bytes) {
-        state.preprocessor.prepare(&bytes)
+    let (result, decoding) = if state.preprocessor.is_small(&bytes) {
+        let started = Instant::now();
+        (state.preprocessor.prepare(&bytes), started.elapsed())
     } else {
         let _permit = state
             .decode_permits
@@ -87,12 +87,14 @@ async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32
             .await
             .map_err(|_| ApiError::internal("decode pool closed"))?;
         let preprocessor = state.preprocessor.clone();
-        tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
             .await
-            .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?;
+        (result, started.elapsed())
     };
     let metrics = &state.metrics;
-    metrics.decode_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.decode_seconds.observe(decoding.as_secs_f64());
     match result {
         Ok(tensor) => {
             metrics.images_decoded.inc();

@@ -3,6 +3,7 @@
 //! reader thread (file bytes) → decode pool (rayon) → inference workers (batches) → index writer.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -75,6 +76,8 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
     let (dec_tx, dec_rx) = bounded::<Decoded>(batch_size * 2);
     let (add_tx, add_rx) = bounded::<Vec<NewItem>>(4);
 
+    // One inference worker's failure stops the others, so the build ends instead of running on.
+    let failed = AtomicBool::new(false);
     let (indexed, rejected) = std::thread::scope(|scope| {
         scope.spawn(move || {
             for s in todo {
@@ -96,8 +99,14 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
         let writer = scope.spawn(|| write_batches(index, add_rx, &progress));
         let inferers: Vec<_> = (0..opts.workers.max(1))
             .map(|_| {
-                let (rx, tx, progress) = (dec_rx.clone(), add_tx.clone(), &progress);
-                scope.spawn(move || infer(rx, embedder, batch_size, tx, progress))
+                let (rx, tx, progress, failed) = (dec_rx.clone(), add_tx.clone(), &progress, &failed);
+                scope.spawn(move || {
+                    let result = infer(rx, embedder, batch_size, tx, progress, failed);
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
             })
             .collect();
         // Only the workers may hold the writer's channel open.
@@ -128,14 +137,16 @@ fn progress_bar(len: u64, visible: bool) -> ProgressBar {
     bar
 }
 
-/// Gathers decoded tensors into batches, embeds them and hands them to the writer.
-/// Returns the rejected files and the number of images embedded.
+/// Gathers decoded tensors into batches, embeds them and hands them to the writer, until the
+/// input ends or another worker has `failed`. Returns the rejected files and the number of images
+/// embedded.
 fn infer(
     rx: Receiver<Decoded>,
     embedder: &dyn Embedder,
     batch_size: usize,
     tx: Sender<Vec<NewItem>>,
     progress: &ProgressBar,
+    failed: &AtomicBool,
 ) -> anyhow::Result<(Vec<Rejected>, usize)> {
     let len = embedder.tensor_len();
     let mut rejected = Vec::new();
@@ -158,6 +169,10 @@ fn infer(
         tx.send(items).map_err(|_| anyhow::anyhow!("index writer stopped"))
     };
     for (source, result) in rx {
+        if failed.load(Ordering::Relaxed) {
+            // Another worker's error is the build's; this one just stops.
+            return Ok((rejected, embedded));
+        }
         match result {
             Ok(t) if t.len() == len => {
                 ids.push(source.id);
@@ -204,8 +219,14 @@ mod tests {
     use crate::index::{IndexOptions, ModelIdentity};
 
     /// Files hold a number n; the "model" maps it to a 2-d vector; b"bad" does not decode.
+    #[derive(Default)]
     struct Fake {
+        /// Every batch fails.
         fail_embed: bool,
+        /// Batches holding this number fail.
+        fail_on: Option<f32>,
+        /// Time each batch takes.
+        delay: Duration,
     }
 
     impl Embedder for Fake {
@@ -216,7 +237,9 @@ mod tests {
             std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<f32>().ok()).map(|n| vec![n]).ok_or("not a number".into())
         }
         fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
-            anyhow::ensure!(!self.fail_embed, "model exploded");
+            std::thread::sleep(self.delay);
+            let poisoned = self.fail_on.is_some_and(|bad| batch[..n].contains(&bad));
+            anyhow::ensure!(!self.fail_embed && !poisoned, "model exploded");
             Ok(batch[..n].iter().map(|&x| Embedded { vector: vec![1.0, x], cluster: x as u32 % 3 }).collect())
         }
     }
@@ -239,14 +262,14 @@ mod tests {
     fn indexes_good_files_rejects_bad_ones_and_resumes() {
         let (_dir, sources, index) = setup(50);
         let opts = BuildOptions { batch_size: 8, threads: 2, workers: 2, progress: false };
-        let report = build(sources.clone(), &Fake { fail_embed: false }, &index, &opts).unwrap();
+        let report = build(sources.clone(), &Fake::default(), &index, &opts).unwrap();
         assert_eq!((report.files, report.indexed, report.already_present), (51, 45, 0));
         let mut reasons: Vec<&str> = report.rejected.iter().map(|r| r.reason.as_str()).collect();
         reasons.sort();
         assert_eq!(reasons.len(), 6);
         assert!(reasons[0].starts_with("cannot read") && reasons[1..].iter().all(|r| *r == "not a number"), "{reasons:?}");
         assert_eq!(index.get("7.txt").unwrap().cluster, 1);
-        let again = build(sources, &Fake { fail_embed: false }, &index, &opts).unwrap();
+        let again = build(sources, &Fake::default(), &index, &opts).unwrap();
         assert_eq!((again.indexed, again.already_present, again.rejected.len()), (0, 45, 6));
     }
 
@@ -254,8 +277,19 @@ mod tests {
     fn a_failing_model_stops_the_build_with_its_error() {
         let (_dir, sources, index) = setup(500);
         let opts = BuildOptions { batch_size: 4, threads: 2, workers: 2, progress: false };
-        let err = build(sources, &Fake { fail_embed: true }, &index, &opts).unwrap_err();
+        let err = build(sources, &Fake { fail_embed: true, ..Fake::default() }, &index, &opts).unwrap_err();
         assert!(err.to_string().contains("model exploded"), "{err}");
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn one_failing_worker_stops_the_others() {
+        let (_dir, sources, index) = setup(2000);
+        let fake = Fake { fail_on: Some(1.0), delay: Duration::from_millis(1), ..Fake::default() };
+        let opts = BuildOptions { batch_size: 4, threads: 2, workers: 2, progress: false };
+        let err = build(sources, &fake, &index, &opts).unwrap_err();
+        assert!(err.to_string().contains("model exploded"), "{err}");
+        // Left to run on, the healthy worker would index all ~1,800 other good files.
+        assert!(index.len() < 1000, "the healthy worker ran on: {} items indexed", index.len());
     }
 }
