@@ -175,3 +175,39 @@ fn serve_with_index_keeps_acknowledged_items_across_sigkill() {
     let body: Value = resp.json().unwrap();
     assert_eq!(body["results"][0][0]["id"], "kept.png");
 }
+
+/// The last "model loaded" log line of a build, as JSON.
+fn model_loaded(out: &Output) -> Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().rfind(|l| l.contains("\"model loaded\""));
+    let line = line.unwrap_or_else(|| panic!("no model-loaded log line: {stderr}"));
+    serde_json::from_str::<Value>(line).expect("a JSON log line")["fields"].clone()
+}
+
+#[test]
+fn build_runs_one_single_threaded_session_per_core_on_cpu_unless_told() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("photos");
+    photo_folder(&input);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let m = model();
+    let run = |out: &str, extra: &[&str]| {
+        let (input, out) = (input.display().to_string(), tmp.path().join(out).display().to_string());
+        let mut args = vec!["index", "build", "--model", &m, "--input", &input, "--out", &out, "--no-progress", "--log-format", "json"];
+        args.extend_from_slice(extra);
+        let out = swav(&args);
+        assert_eq!(stdout_json(&out)["indexed"].as_u64(), Some(5));
+        model_loaded(&out)
+    };
+    // The default device is auto: on a machine without CUDA it ends on the CPU, one session per core.
+    let auto = run("auto", &[]);
+    match auto["provider"].as_str() {
+        Some("cpu") => assert_eq!((auto["workers"].as_u64(), auto["intra_threads"].as_u64()), (Some(cores), Some(1)), "{auto}"),
+        Some("cuda") => assert_eq!(auto["workers"].as_u64(), Some(1), "{auto}"),
+        other => panic!("unexpected provider {other:?}"),
+    }
+    let cpu = run("cpu", &["--device", "cpu"]);
+    assert_eq!((cpu["workers"].as_u64(), cpu["intra_threads"].as_u64()), (Some(cores), Some(1)), "{cpu}");
+    let one = run("one", &["--device", "cpu", "--workers", "1"]);
+    assert_eq!((one["workers"].as_u64(), one["intra_threads"].as_u64()), (Some(1), Some(cores)), "{one}");
+}

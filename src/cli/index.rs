@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::ModelArgs;
 use crate::bundle::Bundle;
-use crate::engine::Engine;
+use crate::engine::{Device, Engine};
 use crate::http::items::cluster_of;
 use crate::index::{Index, IndexOptions, ModelIdentity};
 use crate::indexer::{self, BuildOptions, BuildReport, Embedded, Embedder};
@@ -52,10 +52,10 @@ pub struct BuildArgs {
     #[arg(long, env = "SWAV_INDEX_THREADS")]
     pub threads: Option<usize>,
     /// Inference workers, each with its own ONNX Runtime session running whole batches.
-    /// Default: the number of cores, so each session runs single-threaded (intra-op threads
-    /// default to cores / workers): on 2 cores that beat one session with 2 threads, whose
-    /// threads wait on each other while decoding and graph inserts take the other core
-    /// (BENCHMARKS.md, "Index").
+    /// Default on CPU: the number of cores, so each session runs single-threaded (intra-op
+    /// threads default to cores / workers): on 2 cores that beat one session with 2 threads,
+    /// whose threads wait on each other while decoding and graph inserts take the other core
+    /// (BENCHMARKS.md, "Index"). Default on CUDA: 1.
     #[arg(long, env = "SWAV_INDEX_WORKERS")]
     pub workers: Option<usize>,
     /// Do not draw the progress bar.
@@ -143,12 +143,32 @@ impl Embedder for ModelEmbedder {
     }
 }
 
+/// The engine for a build: `workers` sessions when given; otherwise one single-threaded session
+/// per core on CPU, and one session on a GPU (where more would only split its memory).
+fn load_for_build(model: &ModelArgs, workers: Option<usize>, cores: usize) -> anyhow::Result<(Bundle, Engine)> {
+    let per_core = |model: &ModelArgs| model.load(cores).map(|(bundle, engine, _)| (bundle, engine));
+    match (workers, model.device) {
+        (Some(n), _) => model.load(n.max(1)).map(|(bundle, engine, _)| (bundle, engine)),
+        (None, Device::Cpu) => per_core(model),
+        (None, Device::Cuda(_)) => model.load(1).map(|(bundle, engine, _)| (bundle, engine)),
+        (None, Device::Auto) => {
+            let (bundle, engine, _) = model.load(1)?;
+            if engine.provider() == "cpu" && cores > 1 {
+                tracing::info!(workers = cores, "on the CPU: reloading as one single-threaded session per core");
+                per_core(&ModelArgs { device: Device::Cpu, ..model.clone() })
+            } else {
+                Ok((bundle, engine))
+            }
+        }
+    }
+}
+
 fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let sources = indexer::list(&args.input)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.workers.unwrap_or(cores).max(1);
-    let (bundle, engine, _) = args.model.load(workers)?;
+    let (bundle, engine) = load_for_build(&args.model, args.workers, cores)?;
     let index = open_for_model(&args.out, &bundle)?;
+    let workers = engine.workers();
     let embedder = ModelEmbedder { preprocessor: Preprocessor::new(&bundle.manifest.input, args.model.decode_limits()), engine };
     let opts = BuildOptions {
         batch_size: args.batch_size,
