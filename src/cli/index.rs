@@ -146,21 +146,19 @@ impl Embedder for ModelEmbedder {
 /// The engine for a build: `workers` sessions when given; otherwise one single-threaded session
 /// per core on CPU, and one session on a GPU (where more would only split its memory).
 fn load_for_build(model: &ModelArgs, workers: Option<usize>, cores: usize) -> anyhow::Result<(Bundle, Engine)> {
-    let per_core = |model: &ModelArgs| model.load(cores).map(|(bundle, engine, _)| (bundle, engine));
-    match (workers, model.device) {
-        (Some(n), _) => model.load(n.max(1)).map(|(bundle, engine, _)| (bundle, engine)),
-        (None, Device::Cpu) => per_core(model),
-        (None, Device::Cuda(_)) => model.load(1).map(|(bundle, engine, _)| (bundle, engine)),
-        (None, Device::Auto) => {
-            let (bundle, engine, _) = model.load(1)?;
-            if engine.provider() == "cpu" && cores > 1 {
-                tracing::info!(workers = cores, "on the CPU: reloading as one single-threaded session per core");
-                per_core(&ModelArgs { device: Device::Cpu, ..model.clone() })
-            } else {
-                Ok((bundle, engine))
-            }
-        }
+    let sessions = match (workers, model.device) {
+        (Some(n), _) => n.max(1),
+        (None, Device::Cpu) => cores,
+        (None, Device::Cuda(_) | Device::Auto) => 1,
+    };
+    let (bundle, engine, _) = model.load(sessions)?;
+    // `auto` that landed on the CPU: the CPU's default applies after all.
+    if workers.is_none() && engine.provider() == "cpu" && engine.workers() < cores {
+        tracing::info!(workers = cores, "on the CPU: reloading as one single-threaded session per core");
+        let (bundle, engine, _) = ModelArgs { device: Device::Cpu, ..model.clone() }.load(cores)?;
+        return Ok((bundle, engine));
     }
+    Ok((bundle, engine))
 }
 
 fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
