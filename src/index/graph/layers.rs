@@ -58,7 +58,7 @@ impl Ord for Scored {
     }
 }
 
-/// Where a new node links, found without the write lock (see `Graph::insert_one`).
+/// Where a new node links, found without the write lock (see `Graph::insert_chunk`).
 pub(crate) struct Plan {
     /// Neighbours per level, from level 0 up; empty when the graph had no nodes.
     pub links: Vec<Vec<u32>>,
@@ -291,7 +291,7 @@ impl Layers {
         let base = self.vector(node);
         let mut candidates: Vec<Scored> = current
             .iter()
-            .map(|&n| Scored { dist: 1.0 - self.kernel.dot(base, self.vector(n)), node: n })
+            .map(|&n| Scored { dist: self.dist(base, n), node: n })
             .chain(std::iter::once(Scored { dist: 1.0 - self.kernel.dot(base, q), node: new }))
             .collect();
         candidates.sort_unstable();
