@@ -177,10 +177,11 @@ fn serve_with_index_keeps_acknowledged_items_across_sigkill() {
 }
 
 /// The last "model loaded" log line of a build, as JSON.
-fn model_loaded(out: &Output) -> Value {
+/// The fields of the last JSON log line with this message.
+fn logged(out: &Output, message: &str) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr.lines().rfind(|l| l.contains("\"model loaded\""));
-    let line = line.unwrap_or_else(|| panic!("no model-loaded log line: {stderr}"));
+    let line = stderr.lines().rfind(|l| l.contains(&format!("\"{message}\"")));
+    let line = line.unwrap_or_else(|| panic!("no {message:?} log line: {stderr}"));
     serde_json::from_str::<Value>(line).expect("a JSON log line")["fields"].clone()
 }
 
@@ -197,7 +198,9 @@ fn build_runs_one_single_threaded_session_per_core_on_cpu_unless_told() {
         args.extend_from_slice(extra);
         let out = swav(&args);
         assert_eq!(stdout_json(&out)["indexed"].as_u64(), Some(5));
-        model_loaded(&out)
+        let mut fields = logged(&out, "model loaded");
+        fields["inference_batch"] = logged(&out, "indexing")["inference_batch"].clone();
+        fields
     };
     // The default device is auto: on a machine without CUDA it ends on the CPU, one session per core.
     let auto = run("auto", &[]);
@@ -208,6 +211,9 @@ fn build_runs_one_single_threaded_session_per_core_on_cpu_unless_told() {
     }
     let cpu = run("cpu", &["--device", "cpu"]);
     assert_eq!((cpu["workers"].as_u64(), cpu["intra_threads"].as_u64()), (Some(cores), Some(1)), "{cpu}");
-    let one = run("one", &["--device", "cpu", "--workers", "1"]);
+    // On the CPU a worker's batch of 128 runs through onnxruntime 16 images at a time.
+    assert_eq!(cpu["inference_batch"].as_u64(), Some(16), "{cpu}");
+    let one = run("one", &["--device", "cpu", "--workers", "1", "--inference-batch", "2"]);
     assert_eq!((one["workers"].as_u64(), one["intra_threads"].as_u64()), (Some(1), Some(cores)), "{one}");
+    assert_eq!(one["inference_batch"].as_u64(), Some(2), "{one}");
 }

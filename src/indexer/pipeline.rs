@@ -32,7 +32,10 @@ pub trait Embedder: Sync {
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
+    /// Images each worker gathers before handing them to the writer (one durable write).
     pub batch_size: usize,
+    /// Most images per `Embedder::embed` call: a worker's batch runs in slices of this size.
+    pub inference_batch: usize,
     /// Decoding threads.
     pub threads: usize,
     /// Inference threads, each gathering and embedding its own batches (give the embedder at
@@ -101,7 +104,8 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
             .map(|_| {
                 let (rx, tx, progress, failed) = (dec_rx.clone(), add_tx.clone(), &progress, &failed);
                 scope.spawn(move || {
-                    let result = infer(rx, embedder, batch_size, tx, progress, failed);
+                    let sizes = Sizes { batch: batch_size, inference: opts.inference_batch.max(1) };
+                    let result = infer(rx, embedder, sizes, tx, progress, failed);
                     if result.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
@@ -137,19 +141,26 @@ fn progress_bar(len: u64, visible: bool) -> ProgressBar {
     bar
 }
 
+#[derive(Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    inference: usize,
+}
+
 /// Gathers decoded tensors into batches, embeds them and hands them to the writer, until the
 /// input ends or another worker has `failed`. Returns the rejected files and the number of images
 /// embedded.
 fn infer(
     rx: Receiver<Decoded>,
     embedder: &dyn Embedder,
-    batch_size: usize,
+    sizes: Sizes,
     tx: Sender<Vec<NewItem>>,
     progress: &ProgressBar,
     failed: &AtomicBool,
 ) -> anyhow::Result<(Vec<Rejected>, usize)> {
     let len = embedder.tensor_len();
     let mut rejected = Vec::new();
+    let batch_size = sizes.batch;
     let mut ids = Vec::with_capacity(batch_size);
     let mut tensors = Vec::with_capacity(batch_size * len);
     let mut embedded = 0;
@@ -157,8 +168,13 @@ fn infer(
         if ids.is_empty() {
             return Ok(());
         }
-        let out = embedder.embed(tensors, ids.len())?;
-        anyhow::ensure!(out.len() == ids.len(), "model returned {} results for {} images", out.len(), ids.len());
+        let mut out = Vec::with_capacity(ids.len());
+        for start in (0..ids.len()).step_by(sizes.inference) {
+            let n = sizes.inference.min(ids.len() - start);
+            let embedded = embedder.embed(&tensors[start * len..(start + n) * len], n)?;
+            anyhow::ensure!(embedded.len() == n, "model returned {} results for {n} images", embedded.len());
+            out.extend(embedded);
+        }
         let items = ids
             .drain(..)
             .zip(out)
@@ -227,6 +243,8 @@ mod tests {
         fail_on: Option<f32>,
         /// Time each batch takes.
         delay: Duration,
+        /// The most images one `embed` call was given.
+        largest_call: std::sync::atomic::AtomicUsize,
     }
 
     impl Embedder for Fake {
@@ -238,6 +256,7 @@ mod tests {
         }
         fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
             std::thread::sleep(self.delay);
+            self.largest_call.fetch_max(n, Ordering::Relaxed);
             let poisoned = self.fail_on.is_some_and(|bad| batch[..n].contains(&bad));
             anyhow::ensure!(!self.fail_embed && !poisoned, "model exploded");
             Ok(batch[..n].iter().map(|&x| Embedded { vector: vec![1.0, x], cluster: x as u32 % 3 }).collect())
@@ -261,7 +280,7 @@ mod tests {
     #[test]
     fn indexes_good_files_rejects_bad_ones_and_resumes() {
         let (_dir, sources, index) = setup(50);
-        let opts = BuildOptions { batch_size: 8, threads: 2, workers: 2, progress: false };
+        let opts = BuildOptions { batch_size: 8, inference_batch: 8, threads: 2, workers: 2, progress: false };
         let report = build(sources.clone(), &Fake::default(), &index, &opts).unwrap();
         assert_eq!((report.files, report.indexed, report.already_present), (51, 45, 0));
         let mut reasons: Vec<&str> = report.rejected.iter().map(|r| r.reason.as_str()).collect();
@@ -274,9 +293,22 @@ mod tests {
     }
 
     #[test]
+    fn a_workers_batch_reaches_the_model_in_slices_of_the_inference_batch() {
+        let (_dir, sources, index) = setup(100);
+        let fake = Fake::default();
+        let opts = BuildOptions { batch_size: 20, inference_batch: 3, threads: 2, workers: 1, progress: false };
+        let report = build(sources, &fake, &index, &opts).unwrap();
+        assert_eq!((report.indexed, index.len()), (90, 90));
+        assert_eq!(fake.largest_call.load(Ordering::Relaxed), 3);
+        // Each item keeps its own vector through the slicing.
+        assert_eq!(index.get("57.txt").unwrap().cluster, 0);
+        assert_eq!(index.get("58.txt").unwrap().cluster, 1);
+    }
+
+    #[test]
     fn a_failing_model_stops_the_build_with_its_error() {
         let (_dir, sources, index) = setup(500);
-        let opts = BuildOptions { batch_size: 4, threads: 2, workers: 2, progress: false };
+        let opts = BuildOptions { batch_size: 4, inference_batch: 4, threads: 2, workers: 2, progress: false };
         let err = build(sources, &Fake { fail_embed: true, ..Fake::default() }, &index, &opts).unwrap_err();
         assert!(err.to_string().contains("model exploded"), "{err}");
         assert!(index.is_empty());
@@ -286,7 +318,7 @@ mod tests {
     fn one_failing_worker_stops_the_others() {
         let (_dir, sources, index) = setup(2000);
         let fake = Fake { fail_on: Some(1.0), delay: Duration::from_millis(1), ..Fake::default() };
-        let opts = BuildOptions { batch_size: 4, threads: 2, workers: 2, progress: false };
+        let opts = BuildOptions { batch_size: 4, inference_batch: 4, threads: 2, workers: 2, progress: false };
         let err = build(sources, &fake, &index, &opts).unwrap_err();
         assert!(err.to_string().contains("model exploded"), "{err}");
         // Left to run on, the healthy worker would index all ~1,800 other good files.
