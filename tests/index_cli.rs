@@ -128,6 +128,20 @@ fn nothing_indexable_fails_and_another_model_is_refused() {
 }
 
 #[test]
+fn batch_sizes_below_one_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, out) = (tmp.path().display().to_string(), tmp.path().join("i").display().to_string());
+    let m = model();
+    for flag in ["--batch-size", "--inference-batch"] {
+        let run = swav(&["index", "build", "--model", &m, "--input", &input, "--out", &out, flag, "0"]);
+        assert_eq!(run.status.code(), Some(2), "{flag} 0 must be a usage error");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains(flag) && stderr.contains("at least 1"), "{stderr}");
+    }
+    assert!(!tmp.path().join("i").exists(), "nothing is created for a refused command");
+}
+
+#[test]
 fn dataset_command_writes_class_folders() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("idx");

@@ -46,12 +46,12 @@ pub struct BuildArgs {
     pub out: PathBuf,
     /// Images each inference worker gathers per durable index write (batches queued behind a
     /// busy writer are merged into one write).
-    #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128)]
+    #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Most images per ONNX Runtime call; a worker's batch runs in slices of this size.
     /// Default on CPU: 16, whose activations stay in a core's cache (for the default model 7 %
     /// less CPU per image than 128; BENCHMARKS.md, "Index"). Default on CUDA: the whole batch.
-    #[arg(long, env = "SWAV_INDEX_INFERENCE_BATCH")]
+    #[arg(long, env = "SWAV_INDEX_INFERENCE_BATCH", value_parser = at_least_one)]
     pub inference_batch: Option<usize>,
     /// Decoding threads. Default: the number of cores.
     #[arg(long, env = "SWAV_INDEX_THREADS")]
@@ -66,6 +66,13 @@ pub struct BuildArgs {
     /// Do not draw the progress bar.
     #[arg(long, env = "SWAV_NO_PROGRESS")]
     pub no_progress: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got '{text}'")),
+    }
 }
 
 #[derive(Debug, Args)]
