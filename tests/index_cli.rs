@@ -190,7 +190,6 @@ fn serve_with_index_keeps_acknowledged_items_across_sigkill() {
     assert_eq!(body["results"][0][0]["id"], "kept.png");
 }
 
-/// The last "model loaded" log line of a build, as JSON.
 /// The fields of the last JSON log line with this message.
 fn logged(out: &Output, message: &str) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -300,7 +300,7 @@ mod tests {
         let report = build(sources, &fake, &index, &opts).unwrap();
         assert_eq!((report.indexed, index.len()), (90, 90));
         assert_eq!(fake.largest_call.load(Ordering::Relaxed), 3);
-        // Each item keeps its own vector through the slicing.
+        // Each item keeps its own result through the slicing (the fake's cluster is n mod 3).
         assert_eq!(index.get("57.txt").unwrap().cluster, 0);
         assert_eq!(index.get("58.txt").unwrap().cluster, 1);
     }
