@@ -296,7 +296,6 @@ def main() -> None:
     build_list = work / "all-list.txt"
     build_list.write_text("".join(f"{p.relative_to(work)}\n" for p in all_files))
     all_index = work / "index-all"
-    shutil.rmtree(all_index, ignore_errors=True)
     # Alternating rounds, each a fresh swav build then the script, and the median of the rounds'
     # ratios: two single pairs of the same code measured 1.85× and 1.94×. CPU time sits beside wall time:
     # it varies less, and it shows whether a speed-up is less work or more cores kept busy.
@@ -315,7 +314,7 @@ def main() -> None:
         rounds.append({"swav_seconds": rust_secs, "swav_cpu_seconds": rust_cpu, "python_seconds": py_secs, "python_cpu_seconds": py_cpu,
                        "speedup": py_secs / rust_secs, "cpu_ratio": py_cpu / rust_cpu})
         log(json.dumps(rounds[-1]))
-    median = rounds[sorted(range(len(rounds)), key=lambda i: rounds[i]["speedup"])[len(rounds) // 2]]
+    median = sorted(rounds, key=lambda r: r["speedup"])[len(rounds) // 2]
     result["build"] = {
         "images": len(all_files),
         "rounds": rounds,
