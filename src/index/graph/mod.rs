@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use layers::{Layers, MAX_LEVEL};
 
+pub(crate) use kernel::prefetch;
 pub(crate) use persist::{GRAPH_FILE, decode, encode};
 
 /// Below this many points a batch is inserted on the calling thread: rayon costs more than it saves.
