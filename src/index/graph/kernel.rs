@@ -79,8 +79,8 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// Hints the CPU to start loading data that the search will read shortly: a neighbour's
-/// vector, or a candidate's link list (the search is bound by these cache misses).
+/// Hints the CPU to start loading data that will be read shortly: a neighbour's vector, a
+/// candidate's link list (the search is bound by these cache misses), or a hit's record.
 #[inline]
 pub(crate) fn prefetch<T>(v: &[T]) {
     #[cfg(target_arch = "x86_64")]
