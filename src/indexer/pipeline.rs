@@ -69,6 +69,7 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
     let todo: Vec<Source> = sources.into_iter().filter(|s| !index.contains(&s.id)).collect();
     let already_present = files - todo.len();
     let batch_size = opts.batch_size.max(1);
+    let sizes = Sizes { batch: batch_size, inference: opts.inference_batch.max(1) };
     let progress = progress_bar(todo.len() as u64, opts.progress);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
@@ -104,7 +105,6 @@ pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts:
             .map(|_| {
                 let (rx, tx, progress, failed) = (dec_rx.clone(), add_tx.clone(), &progress, &failed);
                 scope.spawn(move || {
-                    let sizes = Sizes { batch: batch_size, inference: opts.inference_batch.max(1) };
                     let result = infer(rx, embedder, sizes, tx, progress, failed);
                     if result.is_err() {
                         failed.store(true, Ordering::Relaxed);
