@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::bundle::Bundle;
-use crate::engine::{Device, Engine, EngineOptions, default_intra_threads};
+use crate::engine::{BatchPacking, Device, Engine, EngineOptions, default_intra_threads};
 use crate::preprocess::DecodeLimits;
 
 /// Where the bundled default model lives, relative to the working directory or the source tree.
@@ -27,6 +27,13 @@ pub struct ModelArgs {
     /// ONNX Runtime intra-op threads per worker. Default: cores / workers.
     #[arg(long, env = "SWAV_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
+    /// On the CPU, run batches with images packed into the channels of the model's narrow first
+    /// layers: auto (on CPUs with AVX-512, where ONNX Runtime computes convolutions 16 channels at
+    /// a time, so a layer of 8 channels wastes half its work unpacked), always, or never. The
+    /// outputs are the same (checked when the model loads); batches that are not a multiple of
+    /// the packing run unpacked.
+    #[arg(long, env = "SWAV_BATCH_PACKING", default_value = "auto", value_parser = parse_batch_packing)]
+    pub batch_packing: BatchPacking,
     /// Largest image accepted, in pixels (width × height, read from the header before decoding).
     #[arg(long, env = "SWAV_MAX_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
     pub max_pixels: u64,
@@ -36,6 +43,10 @@ pub struct ModelArgs {
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse()
+}
+
+fn parse_batch_packing(s: &str) -> Result<BatchPacking, String> {
     s.parse()
 }
 
@@ -64,6 +75,7 @@ impl ModelArgs {
             intra_threads: self.intra_threads.unwrap_or_else(|| default_intra_threads(workers)),
             workers,
             ort_lib: self.ort_lib.clone(),
+            batch_packing: self.batch_packing,
         }
     }
 

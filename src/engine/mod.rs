@@ -3,7 +3,9 @@
 //! The engine knows tensors and the bundle's output names; nothing of HTTP or image formats.
 
 pub mod batcher;
+mod packing;
 mod runtime;
+mod wire;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -34,6 +36,54 @@ pub enum EngineError {
     #[error("bad input batch: {0}")]
     Input(String),
 }
+
+/// Whether CPU sessions run the model with images packed into the channels of its narrow first
+/// layers (see `packing.rs`): the same outputs, less work where ONNX Runtime pads those layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchPacking {
+    /// On CPUs with AVX-512, where ONNX Runtime computes convolutions in blocks of 16 channels.
+    Auto,
+    /// On any CPU (for tests and measurements; it costs time where blocks are 8 channels).
+    Always,
+    Never,
+}
+
+impl FromStr for BatchPacking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BatchPacking, String> {
+        match s {
+            "auto" => Ok(BatchPacking::Auto),
+            "always" => Ok(BatchPacking::Always),
+            "never" => Ok(BatchPacking::Never),
+            _ => Err(format!("invalid batch packing {s:?}: expected auto, always or never")),
+        }
+    }
+}
+
+impl BatchPacking {
+    fn applies(self) -> bool {
+        match self {
+            BatchPacking::Always => true,
+            BatchPacking::Never => false,
+            BatchPacking::Auto => cpu_blocks_are_16_floats(),
+        }
+    }
+}
+
+/// ONNX Runtime's MLAS picks its 16-channel NCHWc kernels exactly when AVX-512F is usable.
+fn cpu_blocks_are_16_floats() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Channels in one block of ONNX Runtime's NCHWc layout with AVX-512: what packing fills.
+const PACKING_BLOCK: usize = 16;
 
 /// Where inference runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +130,8 @@ pub struct EngineOptions {
     pub workers: usize,
     /// Explicit path to libonnxruntime.so; otherwise searched (see [`resolve_library`]).
     pub ort_lib: Option<PathBuf>,
+    /// CPU only; CUDA sessions always run the model as it is.
+    pub batch_packing: BatchPacking,
 }
 
 impl Default for EngineOptions {
@@ -89,6 +141,7 @@ impl Default for EngineOptions {
             intra_threads: default_intra_threads(1),
             workers: 1,
             ort_lib: None,
+            batch_packing: BatchPacking::Auto,
         }
     }
 }
@@ -140,8 +193,16 @@ struct OutputNames {
     prototype_scores: (String, usize),
 }
 
+/// One worker's sessions: the model as it is, and the packed rewrite when it is used.
+struct Worker {
+    plain: Session,
+    packed: Option<Session>,
+}
+
 pub struct Engine {
-    sessions: Vec<Mutex<Session>>,
+    sessions: Vec<Mutex<Worker>>,
+    /// Images per packed row when the workers have packed sessions.
+    packing: Option<usize>,
     next: AtomicUsize,
     provider: &'static str,
     input_name: String,
@@ -158,11 +219,12 @@ impl Engine {
         for _ in 0..options.workers.max(1) {
             let (session, used) = build_session(env, bundle, options)?;
             provider = used;
-            sessions.push(Mutex::new(session));
+            sessions.push(Mutex::new(Worker { plain: session, packed: None }));
         }
         let m = &bundle.manifest;
-        let engine = Engine {
+        let mut engine = Engine {
             sessions,
+            packing: None,
             next: AtomicUsize::new(0),
             provider,
             input_name: m.input.name.clone(),
@@ -174,7 +236,79 @@ impl Engine {
             },
         };
         engine.check_signature()?;
+        if engine.provider == "cpu" && options.batch_packing.applies() {
+            engine.add_packed_sessions(env, bundle, options);
+        }
         Ok(engine)
+    }
+
+    /// Gives every worker a session of the packed model, if the model has layers to pack and
+    /// the packed model gives the same outputs as the original. Any failure leaves the engine
+    /// unpacked, with a warning: packing only ever saves time.
+    fn add_packed_sessions(&mut self, env: &ort::environment::Environment, bundle: &Bundle, options: &EngineOptions) {
+        let model = match std::fs::read(&bundle.model_path) {
+            Ok(bytes) => bytes,
+            Err(e) => return tracing::warn!(error = %e, "batch packing off: cannot read the model"),
+        };
+        let packed = match packing::pack(&model, PACKING_BLOCK) {
+            Ok(Some(p)) => p,
+            Ok(None) => return tracing::debug!("batch packing: no narrow layers to pack"),
+            Err(e) => return tracing::warn!(error = %e, "batch packing off: cannot rewrite the model"),
+        };
+        let mut sessions = Vec::with_capacity(self.sessions.len());
+        for _ in 0..self.sessions.len() {
+            match session_with(env, bundle, options, None, Some(&packed.model)) {
+                Ok(s) => sessions.push(s),
+                Err(e) => return tracing::warn!(error = %e, "batch packing off: the packed model does not load"),
+            }
+        }
+        if let Err(reason) = self.check_packed(&mut sessions[0], packed.factor) {
+            return tracing::warn!(%reason, "batch packing off: the packed model's outputs differ from the model's");
+        }
+        for (worker, session) in self.sessions.iter().zip(sessions) {
+            worker.lock().packed = Some(session);
+        }
+        self.packing = Some(packed.factor);
+        tracing::info!(
+            images_per_row = packed.factor,
+            convolutions = packed.convolutions,
+            channels = packed.channels,
+            "batch packing: batches that are a multiple of images_per_row run packed"
+        );
+    }
+
+    /// Runs the packed and the original model on the same pseudo-random batch and compares
+    /// every output.
+    fn check_packed(&self, packed: &mut Session, factor: usize) -> Result<(), String> {
+        let n = 2 * factor;
+        let mut state = 0x9e37_79b9_u32;
+        let batch: Vec<f32> = (0..n * self.tensor_len())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect();
+        let want = self.run_session(&mut self.sessions[0].lock().plain, &batch, n).map_err(|e| e.to_string())?;
+        let got = self.run_session(packed, &batch, n).map_err(|e| e.to_string())?;
+        for (name, a, b) in [
+            ("embedding", &want.embedding, &got.embedding),
+            ("projection", &want.projection, &got.projection),
+            ("prototype_scores", &want.prototype_scores, &got.prototype_scores),
+        ] {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if !(worst <= 1e-4 * scale) {
+                return Err(format!("{name} differs by up to {worst}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Images per packed row, when batches that are a multiple of it run packed.
+    pub fn packing_factor(&self) -> Option<usize> {
+        self.packing
     }
 
     /// "cpu" or "cuda": the execution provider the sessions run on.
@@ -192,7 +326,8 @@ impl Engine {
     }
 
     fn check_signature(&self) -> Result<(), EngineError> {
-        let session = self.sessions[0].lock();
+        let worker = self.sessions[0].lock();
+        let session = &worker.plain;
         let has_input = session.inputs().iter().any(|i| i.name() == self.input_name);
         if !has_input {
             return Err(EngineError::Model(format!("the graph has no input named {:?}", self.input_name)));
@@ -208,10 +343,10 @@ impl Engine {
     /// Runs every session once on batches of 1 and `max_batch` so the first request pays no set-up cost,
     /// and checks the output shapes against the manifest.
     pub fn warm_up(&self, max_batch: usize) -> Result<(), EngineError> {
-        for session in &self.sessions {
-            for n in [1, max_batch.max(1)] {
+        for worker in &self.sessions {
+            for n in [Some(1), self.packing, Some(max_batch.max(1))].into_iter().flatten() {
                 let zeros = vec![0.5f32; n * self.tensor_len()];
-                self.run_on(&mut session.lock(), &zeros, n)?;
+                self.run_on(&mut worker.lock(), &zeros, n)?;
             }
         }
         Ok(())
@@ -231,7 +366,7 @@ impl Engine {
     }
 
     /// A free session if there is one, else wait on the next in rotation.
-    fn acquire(&self) -> parking_lot::MutexGuard<'_, Session> {
+    fn acquire(&self) -> parking_lot::MutexGuard<'_, Worker> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.sessions.len();
         (0..count)
@@ -239,7 +374,16 @@ impl Engine {
             .unwrap_or_else(|| self.sessions[start % count].lock())
     }
 
-    fn run_on(&self, session: &mut Session, batch: &[f32], n: usize) -> Result<ModelOutputs, EngineError> {
+    /// The packed session for batches it can take, else the model as it is.
+    fn run_on(&self, worker: &mut Worker, batch: &[f32], n: usize) -> Result<ModelOutputs, EngineError> {
+        let session = match (&mut worker.packed, self.packing) {
+            (Some(packed), Some(factor)) if n % factor == 0 => packed,
+            _ => &mut worker.plain,
+        };
+        self.run_session(session, batch, n)
+    }
+
+    fn run_session(&self, session: &mut Session, batch: &[f32], n: usize) -> Result<ModelOutputs, EngineError> {
         let [c, h, w] = self.input_shape;
         let run_err = |e: ort::Error| EngineError::Run(e.to_string());
         let input = TensorRef::from_array_view(([n, c, h, w], batch)).map_err(run_err)?;
@@ -279,16 +423,16 @@ fn build_session(
     options: &EngineOptions,
 ) -> Result<(Session, &'static str), EngineError> {
     match options.device {
-        Device::Cpu => Ok((session_with(env, bundle, options, None)?, "cpu")),
-        Device::Cuda(id) => Ok((session_with(env, bundle, options, Some(id))?, "cuda")),
-        Device::Auto => match session_with(env, bundle, options, Some(0)) {
+        Device::Cpu => Ok((session_with(env, bundle, options, None, None)?, "cpu")),
+        Device::Cuda(id) => Ok((session_with(env, bundle, options, Some(id), None)?, "cuda")),
+        Device::Auto => match session_with(env, bundle, options, Some(0), None) {
             Ok(s) => {
                 tracing::info!("device auto: using CUDA device 0");
                 Ok((s, "cuda"))
             }
             Err(e) => {
                 tracing::info!(reason = %e, "device auto: CUDA unavailable, using CPU");
-                Ok((session_with(env, bundle, options, None)?, "cpu"))
+                Ok((session_with(env, bundle, options, None, None)?, "cpu"))
             }
         },
     }
@@ -299,6 +443,7 @@ fn session_with(
     bundle: &Bundle,
     options: &EngineOptions,
     cuda: Option<i32>,
+    rewritten: Option<&[u8]>,
 ) -> Result<Session, EngineError> {
     let session_err = |reason: String| EngineError::Session {
         path: bundle.model_path.clone(),
@@ -320,7 +465,11 @@ fn session_with(
             reason: e.to_string(),
         })?;
     }
-    builder.commit_from_file(&bundle.model_path).map_err(|e| {
+    let committed = match rewritten {
+        Some(model) => builder.commit_from_memory(model),
+        None => builder.commit_from_file(&bundle.model_path),
+    };
+    committed.map_err(|e| {
         if cuda.is_some() {
             EngineError::Provider {
                 provider: format!("cuda:{}", cuda.unwrap_or(0)),

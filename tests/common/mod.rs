@@ -67,6 +67,7 @@ pub fn engine_options() -> EngineOptions {
         intra_threads: 1,
         workers: 1,
         ort_lib: None,
+        batch_packing: swav::engine::BatchPacking::Auto,
     }
 }
 
