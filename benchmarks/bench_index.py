@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--search-rounds", type=int, default=3, help="alternating build + ef sweeps per library; the best is kept")
     ap.add_argument("--build-rounds", type=int, default=5, help="alternating swav / script builds; the median round's ratio is reported")
     ap.add_argument("--knn-queries", type=int, default=10000, help="test images sent through /v1/search")
+    ap.add_argument("--build-only", action="store_true", help="stop after step 2, the build comparison")
     ap.add_argument("--train-limit", type=int, default=None, help="use only the first N train and N test images (smoke runs)")
     args = ap.parse_args()
     if not (args.model / "manifest.json").is_file():
@@ -326,6 +327,9 @@ def main() -> None:
     }
     log(json.dumps(result["build"]))
     shutil.rmtree(all_index)
+    if args.build_only:
+        print(json.dumps(result, indent=2))
+        return
 
     # The index the server searches in step 4: the train images only (not timed).
     rust_index = work / "index-train"

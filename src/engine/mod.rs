@@ -298,8 +298,9 @@ impl Engine {
             ("prototype_scores", &want.prototype_scores, &got.prototype_scores),
         ] {
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-            let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            if !(worst <= 1e-4 * scale) {
+            // A NaN anywhere must fail the check, so no `f32::max`, which drops NaNs.
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, |m, d| if d.is_nan() || d > m { d } else { m });
+            if worst.is_nan() || worst > 1e-4 * scale {
                 return Err(format!("{name} differs by up to {worst}"));
             }
         }
@@ -377,7 +378,7 @@ impl Engine {
     /// The packed session for batches it can take, else the model as it is.
     fn run_on(&self, worker: &mut Worker, batch: &[f32], n: usize) -> Result<ModelOutputs, EngineError> {
         let session = match (&mut worker.packed, self.packing) {
-            (Some(packed), Some(factor)) if n % factor == 0 => packed,
+            (Some(packed), Some(factor)) if n.is_multiple_of(factor) => packed,
             _ => &mut worker.plain,
         };
         self.run_session(session, batch, n)

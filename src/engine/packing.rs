@@ -303,7 +303,7 @@ impl Region {
     /// than a block and dividing it. Returns the factor and its input channels.
     fn starts(node: &Node, inits: &Initializers, block: usize) -> Result<Option<(usize, usize)>, PackError> {
         let Some((c_out, c_in)) = packable_conv(node, inits)? else { return Ok(None) };
-        if c_out >= block || block % c_out != 0 || inits.get(&node.inputs[0]).is_some() {
+        if c_out >= block || !block.is_multiple_of(c_out) || inits.get(&node.inputs[0]).is_some() {
             return Ok(None);
         }
         Ok(Some((block / c_out, c_in)))
@@ -393,6 +393,9 @@ impl Region {
             }
             if self.convolutions.contains(&i) {
                 for (k, tensor_name) in node.inputs.iter_mut().enumerate().skip(1) {
+                    if tensor_name.is_empty() {
+                        continue; // an omitted bias
+                    }
                     let name = tensor_name.clone();
                     let tensor = inits.get(&name).ok_or(PackError::Tensor(name.clone(), "not an initializer"))?;
                     let values = tensor.floats(&name)?;
