@@ -1,4 +1,5 @@
-//! ONNX Runtime sessions (one per worker, CPU or CUDA) that run a batch tensor through the model.
+//! ONNX Runtime sessions (one per worker, CPU or CUDA) that run a batch tensor through the model,
+//! on the CPU also a batch-packed rewrite of it (`packing.rs`) for batches that fill its rows.
 //!
 //! The engine knows tensors and the bundle's output names; nothing of HTTP or image formats.
 
@@ -341,8 +342,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs every session once on batches of 1 and `max_batch` so the first request pays no set-up cost,
-    /// and checks the output shapes against the manifest.
+    /// Runs every session once on batches of 1, the packing factor (the packed session) and
+    /// `max_batch` so the first request pays no set-up cost, and checks the output shapes against
+    /// the manifest.
     pub fn warm_up(&self, max_batch: usize) -> Result<(), EngineError> {
         for worker in &self.sessions {
             for n in [Some(1), self.packing, Some(max_batch.max(1))].into_iter().flatten() {
