@@ -199,7 +199,7 @@ impl Node {
     }
 }
 
-/// A float or int64 initializer's shape and values (float data only when stored inline).
+/// An initializer's shape and type, with its message for reading float values stored inline.
 #[derive(Debug, Clone)]
 struct Tensor {
     dims: Vec<usize>,
@@ -398,10 +398,12 @@ impl Region {
                     }
                     let name = tensor_name.clone();
                     let tensor = inits.get(&name).ok_or(PackError::Tensor(name.clone(), "not an initializer"))?;
-                    let values = tensor.floats(&name)?;
-                    let (dims, data) = if k == 1 { block_diagonal(&tensor.dims, &values, self.factor) } else { tiled(&values, self.factor) };
-                    new_inits.push(float_tensor(&packed(&name), &dims, &data));
-                    replaced.insert(name.clone());
+                    // A weight shared by two packed convolutions gets one packed copy.
+                    if replaced.insert(name.clone()) {
+                        let values = tensor.floats(&name)?;
+                        let (dims, data) = if k == 1 { block_diagonal(&tensor.dims, &values, self.factor) } else { tiled(&values, self.factor) };
+                        new_inits.push(float_tensor(&packed(&name), &dims, &data));
+                    }
                     *tensor_name = packed(&name);
                 }
             }
@@ -612,6 +614,34 @@ mod tests {
         assert!(pack(&model, 4).unwrap().is_none(), "4 channels already fill a block of 4");
         let packed = pack(&model, 16).unwrap().unwrap();
         assert!(pack(&packed.model, 16).unwrap().is_none(), "a packed model is not packed again");
+    }
+
+    #[test]
+    fn a_weight_shared_by_two_packed_convolutions_is_packed_once() {
+        // Make the first stage's second convolution read the first one's weights.
+        let mut model = Message::parse(&fixture_model()).unwrap();
+        let mut graph = Message::parse(model.bytes(MODEL_GRAPH).unwrap()).unwrap();
+        let mut nodes = nodes_of(&fixture_model());
+        let inits = Initializers::read(&graph).unwrap();
+        let stage: Vec<usize> = (0..nodes.len())
+            .filter(|&i| nodes[i].is("Conv") && inits.get(&nodes[i].inputs[1]).unwrap().dims == [4, 4, 3, 3])
+            .collect();
+        let shared = nodes[stage[0]].inputs[1].clone();
+        nodes[stage[1]].inputs[1] = shared.clone();
+        graph.fields.retain(|f| f.number != GRAPH_NODE);
+        graph.fields.extend(nodes.iter().map(|n| Field::bytes(GRAPH_NODE, n.encode())));
+        for f in model.fields.iter_mut().filter(|f| f.number == MODEL_GRAPH) {
+            f.value = Value::Bytes(graph.encode());
+        }
+
+        let packed = pack(&model.encode(), 16).unwrap().expect("packed");
+        assert_eq!(packed.convolutions, 5);
+        let graph = Message::parse(Message::parse(&packed.model).unwrap().bytes(MODEL_GRAPH).unwrap()).unwrap();
+        let names: Vec<String> =
+            graph.messages(GRAPH_INITIALIZER).unwrap().iter().map(|t| t.string(TENSOR_NAME).unwrap().unwrap().to_owned()).collect();
+        let copies = names.iter().filter(|n| **n == format!("{shared}{PACKED}")).count();
+        assert_eq!(copies, 1, "{names:?}");
+        assert_eq!(names.iter().collect::<HashSet<_>>().len(), names.len(), "initializer names repeat");
     }
 
     #[test]
