@@ -60,7 +60,7 @@ fn main() {
         let items = chunk
             .chunks(dim)
             .enumerate()
-            .map(|(i, v)| NewItem { id: (b * 1000 + i).to_string(), vector: v.to_vec(), cluster: 0, metadata: None })
+            .map(|(i, v)| NewItem { id: (b * 1000 + i).to_string(), vector: v.to_vec(), cluster: 0, metadata: None, thumbnail: None })
             .collect();
         index.add(items).expect("add");
     }

@@ -25,7 +25,7 @@ fn main() {
         let items = chunk
             .iter()
             .enumerate()
-            .map(|(i, v)| NewItem { id: format!("{}", b * 1000 + i), vector: v.clone(), cluster: 0, metadata: None })
+            .map(|(i, v)| NewItem { id: format!("{}", b * 1000 + i), vector: v.clone(), cluster: 0, metadata: None, thumbnail: None })
             .collect();
         index.add(items).expect("add");
     }

@@ -11,3 +11,4 @@ pub mod index;
 pub mod indexer;
 pub mod metrics;
 pub mod preprocess;
+pub mod ui;

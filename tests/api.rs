@@ -453,6 +453,8 @@ fn openapi_is_valid_and_documents_every_route() {
         ("/v1/items", "post"),
         ("/v1/items/{id}", "get"),
         ("/v1/items/{id}", "delete"),
+        ("/v1/items/{id}/thumbnail", "get"),
+        ("/", "get"),
         ("/v1/search", "post"),
         ("/v1/clusters", "get"),
         ("/v1/clusters/{id}/items", "get"),
@@ -528,4 +530,51 @@ async fn disconnected_clients_are_dropped_before_inference() {
     assert_eq!(live.status(), 200);
     assert_eq!(srv.state.metrics.cancelled.get(), 3, "abandoned images must be dropped");
     assert_eq!(runner.images_run.load(Ordering::SeqCst), 2, "only the two live images reach the model");
+}
+
+/// The web page: served without the API key (it asks for one), with a strict CSP and
+/// revalidated caching; everything under /v1 still needs the key; `--no-ui` turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_page_is_served_with_strict_headers_and_only_its_assets_skip_the_key() {
+    let bundle = common::gray_bundle();
+    let cfg = ServerConfig { api_key: Some("k3y".into()), ..ServerConfig::default() };
+    let srv = common::start_in_process(&bundle, common::engine(&bundle), cfg).await;
+    let c = reqwest::Client::new();
+    for (path, kind) in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")] {
+        let resp = c.get(format!("{}{path}", srv.base)).send().await.expect("send");
+        assert_eq!(resp.status(), 200, "{path}");
+        let h = resp.headers().clone();
+        assert!(h["content-type"].to_str().unwrap().starts_with(kind), "{path}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for rule in ["default-src 'none'", "script-src 'self'", "img-src 'self' blob: data:", "frame-ancestors 'none'"] {
+            assert!(csp.contains(rule), "{path}: CSP lacks {rule}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-cache");
+        let etag = h["etag"].clone();
+        let body = resp.text().await.unwrap();
+        assert!(body.len() > 100, "{path}");
+        let again = c.get(format!("{}{path}", srv.base)).header("if-none-match", etag).send().await.unwrap();
+        assert_eq!(again.status(), 304, "{path} revalidates");
+    }
+    let html = c.get(format!("{}/", srv.base)).send().await.unwrap().text().await.unwrap();
+    assert!(html.contains(r#"<script src="/ui/app.js""#), "the script is an external file");
+    assert!(!html.contains("<script>") && !html.contains("style="), "no inline script or style");
+    let js = c.get(format!("{}/ui/app.js", srv.base)).send().await.unwrap().text().await.unwrap();
+    assert!(!js.contains("innerHTML") && !js.contains("insertAdjacentHTML"), "user data is only set as text");
+    // The data the page shows needs the key.
+    for path in ["/v1/model", "/v1/items/a/thumbnail"] {
+        let resp = c.get(format!("{}{path}", srv.base)).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+    }
+
+    let cfg = ServerConfig { ui: false, ..ServerConfig::default() };
+    let off = common::start_in_process(&bundle, common::engine(&bundle), cfg).await;
+    let resp = c.get(format!("{}/", off.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let resp = c.get(format!("{}/ui/app.js", off.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
 }

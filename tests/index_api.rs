@@ -305,3 +305,71 @@ async fn compaction_stats_and_metrics() {
         assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thumbnails_are_served_with_type_and_cache_headers_and_go_with_their_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server_with_index(dir.path(), Some("k3y")).await;
+    let c = client();
+    let rgb = common::rgb_png(300, 200, 4);
+    let items = json!({"items": [
+        {"id": "gray/1.png", "image": b64(&image(1))},
+        {"id": "rgb.png", "image": b64(&rgb)},
+        {"id": "x/thumbnail", "image": b64(&image(2))},
+    ]});
+    let (status, body) = call(c.post(format!("{}/v1/items", srv.base)).bearer_auth("k3y").json(&items), "/v1/items", "post").await;
+    assert_eq!(status, 200, "{body}");
+
+    let url = |id: &str| format!("{}/v1/items/{id}/thumbnail", srv.base);
+    let resp = c.get(url("gray/1.png")).send().await.unwrap();
+    assert_eq!(resp.status(), 401, "thumbnails are behind the API key");
+    let resp = c.get(url("gray/1.png")).bearer_auth("k3y").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["content-type"], "image/png");
+    assert_eq!(h["cache-control"], "private, no-cache");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    let etag = h["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.len() > 10, "{etag}");
+    let png = image::load_from_memory(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!((png.width(), png.height()), (28, 28), "the preprocessed image, as the model saw it");
+
+    // Revalidation: the same ETag is 304 with no body.
+    let resp = c.get(url("gray/1.png")).bearer_auth("k3y").header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(resp.status(), 304);
+    assert!(resp.bytes().await.unwrap().is_empty());
+    // The gray bundle makes every image gray, so the preprocessed colour image is a PNG too.
+    let resp = c.get(url("rgb.png")).bearer_auth("k3y").send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["content-type"].to_str().unwrap()), (200, "image/png"));
+    assert!(resp.headers()["etag"].to_str().unwrap() != etag);
+
+    // Ids ending in "/thumbnail": the literal suffix names the thumbnail route, a %2F the item.
+    let (status, body) = call(c.get(format!("{}/v1/items/x%2Fthumbnail", srv.base)).bearer_auth("k3y"), "/v1/items/{id}", "get").await;
+    assert_eq!((status, body["id"].as_str()), (200, Some("x/thumbnail")));
+    let resp = c.get(url("x%2Fthumbnail")).bearer_auth("k3y").send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the thumbnail of the item 'x/thumbnail'");
+    let (status, body) = call(c.get(url("x")).bearer_auth("k3y"), "/v1/items/{id}/thumbnail", "get").await;
+    assert_eq!((status, code(&body)), (404, "item_not_found"), "there is no item 'x'");
+
+    let (status, body) = call(c.get(url("nope")).bearer_auth("k3y"), "/v1/items/{id}/thumbnail", "get").await;
+    assert_eq!((status, code(&body)), (404, "item_not_found"));
+    let resp = c.delete(format!("{}/v1/items/gray/1.png", srv.base)).bearer_auth("k3y").send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    let (status, body) = call(c.get(url("gray/1.png")).bearer_auth("k3y"), "/v1/items/{id}/thumbnail", "get").await;
+    assert_eq!((status, code(&body)), (404, "item_not_found"), "the thumbnail goes with its item");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_thumbnails_off_items_have_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::gray_bundle();
+    let index = common::open_index(dir.path(), &bundle);
+    let cfg = ServerConfig { index: Some(index), thumbnails: false, ..ServerConfig::default() };
+    let srv = common::start_in_process(&bundle, common::engine(&bundle), cfg).await;
+    let (status, _) = add_json(&srv, json!([{"id": "a", "image": b64(&image(1))}])).await;
+    assert_eq!(status, 200);
+    let req = client().get(format!("{}/v1/items/a/thumbnail", srv.base));
+    let (status, body) = call(req, "/v1/items/{id}/thumbnail", "get").await;
+    assert_eq!((status, code(&body)), (404, "thumbnail_not_found"));
+    assert!(srv.state.index.as_ref().unwrap().index.thumbnail("a").is_none());
+}

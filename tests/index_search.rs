@@ -63,9 +63,9 @@ fn add_get_delete_readd_and_replace() {
 
     // Re-add with another vector and cluster: the new one replaces, never duplicates.
     let other = data[1].0.clone();
-    let r = index.add(vec![NewItem { id: "id-0".into(), vector: other.clone(), cluster: 7, metadata: None }]).unwrap();
+    let r = index.add(vec![NewItem { id: "id-0".into(), vector: other.clone(), cluster: 7, metadata: None, thumbnail: None }]).unwrap();
     assert_eq!((r.added, r.replaced), (1, 0));
-    let r = index.add(vec![NewItem { id: "id-0".into(), vector: other.clone(), cluster: 8, metadata: None }]).unwrap();
+    let r = index.add(vec![NewItem { id: "id-0".into(), vector: other.clone(), cluster: 8, metadata: None, thumbnail: None }]).unwrap();
     assert_eq!((r.added, r.replaced), (1, 1));
     assert_eq!(index.get("id-0").unwrap().cluster, 8);
     assert_eq!(index.len(), 300);
@@ -139,7 +139,7 @@ fn search_by_id_leaves_out_the_item_itself() {
 fn bad_input_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let index = open(dir.path());
-    let good = NewItem { id: "ok".into(), vector: vec![1.0; DIM], cluster: 0, metadata: None };
+    let good = NewItem { id: "ok".into(), vector: vec![1.0; DIM], cluster: 0, metadata: None, thumbnail: None };
     let cases = [
         NewItem { vector: vec![1.0; DIM - 1], ..good.clone() },
         NewItem { vector: vec![0.0; DIM], ..good.clone() },

@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::ModelArgs;
+use super::{ModelArgs, ThumbnailArgs};
 use crate::bundle::Bundle;
 use crate::engine::{Device, Engine};
 use crate::http::items::cluster_of;
 use crate::index::{Index, IndexOptions, ModelIdentity};
-use crate::indexer::{self, BuildOptions, BuildReport, Embedded, Embedder};
+use crate::indexer::{self, BuildOptions, BuildReport, Embedded, Embedder, Prepared};
 use crate::preprocess::Preprocessor;
 
 #[derive(Debug, Args)]
@@ -66,6 +66,8 @@ pub struct BuildArgs {
     /// Do not draw the progress bar.
     #[arg(long, env = "SWAV_NO_PROGRESS")]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub thumbnails: ThumbnailArgs,
 }
 
 fn at_least_one(text: &str) -> Result<usize, String> {
@@ -142,6 +144,7 @@ const CPU_INFERENCE_BATCH: usize = 16;
 struct ModelEmbedder {
     preprocessor: Preprocessor,
     engine: Engine,
+    thumbnails: bool,
 }
 
 impl Embedder for ModelEmbedder {
@@ -149,8 +152,8 @@ impl Embedder for ModelEmbedder {
         self.preprocessor.tensor_len()
     }
 
-    fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
-        self.preprocessor.prepare(bytes).map_err(|e| e.to_string())
+    fn prepare(&self, bytes: &[u8]) -> Result<Prepared, String> {
+        self.preprocessor.prepare_item(bytes, self.thumbnails).map_err(|e| e.to_string())
     }
 
     fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
@@ -185,7 +188,8 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let workers = engine.workers();
     let inference_batch = args.inference_batch.unwrap_or(if engine.provider() == "cpu" { CPU_INFERENCE_BATCH } else { args.batch_size });
     tracing::info!(workers, batch_size = args.batch_size, inference_batch, "indexing");
-    let embedder = ModelEmbedder { preprocessor: Preprocessor::new(&bundle.manifest.input, args.model.decode_limits()), engine };
+    let preprocessor = Preprocessor::new(&bundle.manifest.input, args.model.decode_limits());
+    let embedder = ModelEmbedder { preprocessor, engine, thumbnails: args.thumbnails.thumbnails };
     let opts = BuildOptions {
         batch_size: args.batch_size,
         inference_batch,

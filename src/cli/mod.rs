@@ -13,9 +13,20 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::builder::BoolishValueParser;
 
 pub use model::ModelArgs;
+
+/// Whether added items keep a thumbnail; shared by `serve` and `index build`.
+#[derive(Debug, Clone, Args)]
+pub struct ThumbnailArgs {
+    /// Keep a small thumbnail (the preprocessed image, at most 128 px) of every item added to the
+    /// index, for the web page. `--thumbnails=false` keeps no image content in the index.
+    #[arg(long, env = "SWAV_THUMBNAILS", value_name = "BOOL", default_value_t = true, action = ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub thumbnails: bool,
+}
 
 #[derive(Debug, Parser)]
 #[command(

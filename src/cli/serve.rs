@@ -10,7 +10,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::ModelArgs;
+use super::{ModelArgs, ThumbnailArgs};
 use crate::engine::batcher::{Batcher, BatcherConfig};
 use crate::engine::{Engine, EngineOptions};
 use crate::http::{self, AppState, ModelInfo, RequestLimits};
@@ -53,6 +53,15 @@ pub struct ServeArgs {
     /// and /v1/clusters. It must have been built with the same model.
     #[arg(long, env = "SWAV_INDEX", value_name = "DIR")]
     pub index: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub thumbnails: ThumbnailArgs,
+    /// Do not serve the web page at `/` (SWAV_UI=0 does the same).
+    #[arg(long)]
+    pub no_ui: bool,
+    /// Serve the web page at `/` (the default); `--ui=false` is `--no-ui`.
+    #[arg(long, env = "SWAV_UI", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
+    pub ui: bool,
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, env = "SWAV_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
@@ -82,7 +91,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_images: args.max_images_per_request.max(1),
             max_body_bytes: args.max_body_bytes,
         })
-        .with_api_key(args.api_key.clone());
+        .with_api_key(args.api_key.clone())
+        .with_thumbnails(args.thumbnails.thumbnails)
+        .with_ui(args.ui && !args.no_ui);
     if let Some(n) = args.decode_threads {
         state = state.with_decode_threads(n);
     }

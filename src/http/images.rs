@@ -64,11 +64,21 @@ pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOu
 /// Preprocesses and infers already-read images; the first failure fails the whole request and
 /// withdraws its other images from the queue.
 pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<ImageOutput>, ApiError> {
+    Ok(infer(state, images, false).await?.into_iter().map(|(out, _)| out).collect())
+}
+
+/// Like [`infer_images`], with a thumbnail of each preprocessed image where the server keeps them.
+pub async fn infer_images_with_thumbnails(state: &AppState, images: Vec<Bytes>) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
+    infer(state, images, state.thumbnails).await
+}
+
+async fn infer(state: &AppState, images: Vec<Bytes>, thumbnails: bool) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
     // Announced before decoding, so that a batch being gathered waits for these images.
     let announced: Vec<_> = images.iter().map(|_| state.batcher.announce()).collect();
     try_join_all(images.into_iter().zip(announced).enumerate().map(|(i, (bytes, announced))| async move {
-        let tensor = prepare(state, i, bytes).await?;
-        announced.submit(tensor).await.map_err(ApiError::from)
+        let (tensor, thumbnail) = prepare(state, i, bytes, thumbnails).await?;
+        let out = announced.submit(tensor).await.map_err(ApiError::from)?;
+        Ok((out, thumbnail))
     }))
     .await
 }
@@ -76,10 +86,10 @@ pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Im
 /// Decodes on the bounded blocking pool so the async runtime never spends long decoding. Images
 /// of at most 64×64 pixels are the exception: they decode in microseconds, less than the
 /// hand-off to the pool costs (measured: BENCHMARKS.md, "Serving").
-async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32>, ApiError> {
+async fn prepare(state: &AppState, index: usize, bytes: Bytes, thumbnail: bool) -> Result<(Vec<f32>, Option<Vec<u8>>), ApiError> {
     let (result, decoding) = if state.preprocessor.is_small(&bytes) {
         let started = Instant::now();
-        (state.preprocessor.prepare(&bytes), started.elapsed())
+        (state.preprocessor.prepare_item(&bytes, thumbnail), started.elapsed())
     } else {
         let _permit = state
             .decode_permits
@@ -88,7 +98,7 @@ async fn prepare(state: &AppState, index: usize, bytes: Bytes) -> Result<Vec<f32
             .map_err(|_| ApiError::internal("decode pool closed"))?;
         let preprocessor = state.preprocessor.clone();
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || preprocessor.prepare(&bytes))
+        let result = tokio::task::spawn_blocking(move || preprocessor.prepare_item(&bytes, thumbnail))
             .await
             .map_err(|e| ApiError::internal(format!("decode task failed: {e}")))?;
         (result, started.elapsed())

@@ -6,18 +6,20 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{FromRequest, OriginalUri, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sha2::Digest;
 use prometheus::{Histogram, HistogramOpts};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
-use super::images::infer_images;
+use super::images::{infer_images, infer_images_with_thumbnails};
 use super::input::{decode_base64, next_part, open_multipart, part_bytes, read_images};
 use crate::engine::ImageOutput;
-use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, ItemInfo, NewItem};
+use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, NewItem};
 use crate::metrics::Metrics;
 
 const DEFAULT_K: usize = 10;
@@ -161,12 +163,12 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
     }
     let (meta, images): (Vec<(String, Option<Value>)>, Vec<Bytes>) =
         uploads.into_iter().map(|u| ((u.id, u.metadata), u.image)).unzip();
-    let outputs = infer_images(&state, images).await?;
+    let outputs = infer_images_with_thumbnails(&state, images).await?;
     let ids: Vec<String> = meta.iter().map(|(id, _)| id.clone()).collect();
     let items = meta
         .into_iter()
         .zip(outputs)
-        .map(|((id, metadata), out)| NewItem { cluster: cluster_of(&out), vector: out.embedding, id, metadata })
+        .map(|((id, metadata), (out, thumbnail))| NewItem { cluster: cluster_of(&out), vector: out.embedding, id, metadata, thumbnail })
         .collect();
     let index = h.index.clone();
     let report = blocking(move || index.add(items)).await?.map_err(index_error)?;
@@ -211,10 +213,64 @@ async fn uploads_from_multipart(req: Request) -> Result<Vec<Upload>, ApiError> {
 
 // ------------------------------------------------------------------ items by id
 
-pub async fn get_item(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<Json<ItemInfo>, ApiError> {
+/// `GET /v1/items/{id}` and `GET /v1/items/{id}/thumbnail`. Ids may hold '/', so both share
+/// the catch-all route; the rule is read on the path as sent, before percent-decoding: a path
+/// that ends in a literal `/thumbnail` asks for the thumbnail of the id before it. An item whose
+/// own id ends in "/thumbnail" is fetched with that slash sent as `%2F`, which is what
+/// `encodeURIComponent` and every URL-encoding client send anyway.
+pub async fn get_item(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let h = handle(&state)?;
     let id = path(id)?;
-    h.index.get(&id).map(Json).ok_or_else(|| item_not_found(&id))
+    // The path as sent: a %2F in it is still three characters here.
+    if uri.path().ends_with(THUMBNAIL_SUFFIX) && id.len() > THUMBNAIL_SUFFIX.len() {
+        // The suffix is plain ASCII, so it ends the decoded id exactly as it ends the raw one.
+        let id = &id[..id.len() - THUMBNAIL_SUFFIX.len()];
+        return thumbnail(&h.index, id, &headers);
+    }
+    h.index.get(&id).map(|item| Json(item).into_response()).ok_or_else(|| item_not_found(&id))
+}
+
+const THUMBNAIL_SUFFIX: &str = "/thumbnail";
+
+/// The stored thumbnail with its type, an ETag from its bytes (a replaced item gets a new one),
+/// and `private, no-cache`: browsers keep it but ask again, answered by 304 while it is the same,
+/// and no shared cache keeps what may sit behind an API key.
+fn thumbnail(index: &Index, id: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let Some(bytes) = index.thumbnail(id) else {
+        if !index.contains(id) {
+            return Err(item_not_found(id));
+        }
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "thumbnail_not_found",
+            format!("item {id:?} has no thumbnail (added before thumbnails existed, or with --thumbnails=false)"),
+        ));
+    };
+    let digest = sha2::Sha256::digest(&bytes);
+    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let cache = [
+        (header::CACHE_CONTROL, "private, no-cache"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)], cache).into_response());
+    }
+    let kind = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Png) => "image/png",
+        Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+        Ok(image::ImageFormat::WebP) => "image/webp",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, kind.to_string()), (header::ETAG, etag)], cache, Body::from(bytes.to_vec())).into_response())
 }
 
 pub async fn delete_item(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<StatusCode, ApiError> {

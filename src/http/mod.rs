@@ -73,6 +73,10 @@ pub struct AppState {
     pub decode_permits: Arc<Semaphore>,
     /// The nearest-neighbour index (`--index`); without it the index routes answer 404.
     pub index: Option<Arc<items::IndexHandle>>,
+    /// Whether items added through the API keep a thumbnail (`--thumbnails`).
+    pub thumbnails: bool,
+    /// Whether `/` serves the web page (`--no-ui` turns it off).
+    pub ui: bool,
 }
 
 impl AppState {
@@ -89,12 +93,24 @@ impl AppState {
             api_key: None,
             decode_permits: Arc::new(Semaphore::new(cores)),
             index: None,
+            thumbnails: true,
+            ui: true,
         }
     }
 
     /// Serves `index` on the index routes and exports its metrics.
     pub fn with_index(mut self, index: crate::index::Index) -> AppState {
         self.index = Some(Arc::new(items::IndexHandle::new(index, &self.metrics)));
+        self
+    }
+
+    pub fn with_thumbnails(mut self, on: bool) -> AppState {
+        self.thumbnails = on;
+        self
+    }
+
+    pub fn with_ui(mut self, on: bool) -> AppState {
+        self.ui = on;
         self
     }
 
@@ -140,7 +156,9 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         middleware::require_api_key,
     ));
+    let page = if state.ui { crate::ui::router() } else { Router::new() };
     Router::new()
+        .merge(page)
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

@@ -2,6 +2,8 @@
 //!
 //! All integers are little-endian. An item is:
 //! `id_len u32 | id utf-8 | cluster u32 | meta_len u32 (u32::MAX = none) | meta json | dim × f32`.
+//! Where a format carries thumbnails (log op 3, snapshot version 2), each item is followed by
+//! `thumb_len u32 (u32::MAX = none) | encoded image bytes`.
 
 use serde_json::Value;
 
@@ -12,6 +14,8 @@ pub(crate) struct ItemRecord {
     pub cluster: u32,
     pub metadata: Option<Value>,
     pub vector: Vec<f32>,
+    /// A small encoded image (PNG, JPEG or WebP) of the item, when one was kept.
+    pub thumbnail: Option<Vec<u8>>,
 }
 
 const NO_METADATA: u32 = u32::MAX;
@@ -48,6 +52,17 @@ pub(crate) fn put_item_parts(out: &mut Vec<u8>, id: &str, cluster: u32, metadata
     out.reserve(vector.len() * 4);
     for x in vector {
         out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Writes the optional thumbnail that follows an item in the formats that carry one.
+pub(crate) fn put_thumbnail(out: &mut Vec<u8>, thumbnail: Option<&[u8]>) {
+    match thumbnail {
+        None => put_u32(out, NO_METADATA),
+        Some(b) => {
+            put_u32(out, b.len() as u32);
+            out.extend_from_slice(b);
+        }
     }
 }
 
@@ -111,7 +126,17 @@ impl<'a> Reader<'a> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        Ok(ItemRecord { id, cluster, metadata, vector })
+        Ok(ItemRecord { id, cluster, metadata, vector, thumbnail: None })
+    }
+
+    /// An item followed by its optional thumbnail.
+    pub fn item_with_thumbnail(&mut self, dim: usize) -> Result<ItemRecord, String> {
+        let mut item = self.item(dim)?;
+        let len = self.u32("thumbnail length")?;
+        if len != NO_METADATA {
+            item.thumbnail = Some(self.bytes(len as usize, "thumbnail")?.to_vec());
+        }
+        Ok(item)
     }
 }
 
@@ -122,12 +147,13 @@ mod tests {
     #[test]
     fn item_round_trips_with_and_without_metadata() {
         let items = [
-            ItemRecord { id: "a/b.png".into(), cluster: 7, metadata: None, vector: vec![0.5, -1.0, 2.0] },
+            ItemRecord { id: "a/b.png".into(), cluster: 7, metadata: None, vector: vec![0.5, -1.0, 2.0], thumbnail: None },
             ItemRecord {
                 id: "ü".into(),
                 cluster: 0,
                 metadata: Some(serde_json::json!({"k": [1, 2]})),
                 vector: vec![0.0, 1.0, 0.0],
+                thumbnail: None,
             },
         ];
         let mut buf = Vec::new();
@@ -141,5 +167,25 @@ mod tests {
         assert!(Reader::new(&buf[..buf.len() - 1]).item(3).is_ok());
         let mut short = Reader::new(&buf[..5]);
         assert!(short.item(3).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn item_with_thumbnail_round_trips_and_checks_its_length() {
+        let with = ItemRecord { id: "t".into(), cluster: 1, metadata: None, vector: vec![1.0], thumbnail: Some(vec![9, 8, 7]) };
+        let without = ItemRecord { thumbnail: None, ..with.clone() };
+        let mut buf = Vec::new();
+        for it in [&with, &without] {
+            put_item(&mut buf, it);
+            put_thumbnail(&mut buf, it.thumbnail.as_deref());
+        }
+        let mut r = Reader::new(&buf);
+        assert_eq!(r.item_with_thumbnail(1).unwrap(), with);
+        assert_eq!(r.item_with_thumbnail(1).unwrap(), without);
+        assert!(r.is_empty());
+        // A length that points past the end is an error, not a panic.
+        let mut bad = Vec::new();
+        put_item(&mut bad, &without);
+        put_u32(&mut bad, 1000);
+        assert!(Reader::new(&bad).item_with_thumbnail(1).unwrap_err().contains("thumbnail"));
     }
 }

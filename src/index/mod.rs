@@ -43,6 +43,8 @@ const LOCK_FILE: &str = "LOCK";
 const FORMAT_VERSION: u32 = 1;
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
+/// Largest accepted thumbnail, in bytes: thumbnails are small previews, not the images.
+pub const MAX_THUMBNAIL_BYTES: usize = 1 << 20;
 /// Examples listed per cluster by [`Index::clusters`].
 const CLUSTER_EXAMPLES: usize = 5;
 
@@ -88,6 +90,8 @@ pub struct NewItem {
     pub vector: Vec<f32>,
     pub cluster: u32,
     pub metadata: Option<Value>,
+    /// A small encoded image (PNG, JPEG or WebP, at most [`MAX_THUMBNAIL_BYTES`]) shown for the item.
+    pub thumbnail: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -310,6 +314,12 @@ impl Index {
         st.by_id.get(id).map(|&slot| item_info(&st, slot))
     }
 
+    /// The item's thumbnail; None if the id is unknown or the item has none.
+    pub fn thumbnail(&self, id: &str) -> Option<Arc<[u8]>> {
+        let st = self.inner.state.read();
+        st.by_id.get(id).and_then(|&slot| st.slots[slot].thumbnail.clone())
+    }
+
     pub fn contains(&self, id: &str) -> bool {
         self.inner.state.read().by_id.contains_key(id)
     }
@@ -428,7 +438,14 @@ impl Inner {
                 continue;
             }
             let vector = unit_vector(&it.vector, self.identity.dim, &format!("vector of '{}'", it.id))?;
-            out.push(ItemRecord { id: it.id, cluster: it.cluster, metadata: it.metadata, vector });
+            if let Some(t) = it.thumbnail.as_ref().filter(|t| t.len() > MAX_THUMBNAIL_BYTES) {
+                return Err(IndexError::InvalidInput(format!(
+                    "the thumbnail of '{}' is {} bytes, over the limit of {MAX_THUMBNAIL_BYTES}",
+                    it.id,
+                    t.len()
+                )));
+            }
+            out.push(ItemRecord { id: it.id, cluster: it.cluster, metadata: it.metadata, vector, thumbnail: it.thumbnail });
         }
         Ok(out)
     }
@@ -525,8 +542,8 @@ impl Inner {
             let vectors = st.graph.vectors();
             for (slot, s) in st.slots.iter().enumerate() {
                 // Tombstones keep their place: the graph dump refers to slots by number.
-                let metadata = if s.live { s.metadata.as_deref() } else { None };
-                enc.push(s.live, &s.id, s.cluster, metadata, vectors.get(slot));
+                let (metadata, thumbnail) = if s.live { (s.metadata.as_deref(), s.thumbnail.as_deref()) } else { (None, None) };
+                enc.push(s.live, &s.id, s.cluster, metadata, vectors.get(slot), thumbnail);
             }
             (enc, Arc::clone(&st.graph))
         };

@@ -10,12 +10,13 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::codec::{ItemRecord, Reader, put_item_parts, put_u32, put_u64};
+use super::codec::{ItemRecord, Reader, put_item_parts, put_thumbnail, put_u32, put_u64};
 use super::error::IndexError;
 use super::graph::{GRAPH_FILE, Graph, GraphParams};
 
 const MAGIC: &[u8; 8] = b"SWAVSNP1";
-const VERSION: u32 = 1;
+/// Version 2 follows every slot with its optional thumbnail; version 1 (no thumbnails) still reads.
+const VERSION: u32 = 2;
 const ITEMS_FILE: &str = "items.bin";
 const PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-snapshot-";
@@ -45,9 +46,10 @@ impl Encoder {
         Encoder { buf, count: 0 }
     }
 
-    pub fn push(&mut self, live: bool, id: &str, cluster: u32, metadata: Option<&serde_json::Value>, vector: &[f32]) {
+    pub fn push(&mut self, live: bool, id: &str, cluster: u32, metadata: Option<&serde_json::Value>, vector: &[f32], thumbnail: Option<&[u8]>) {
         self.buf.push(live as u8);
         put_item_parts(&mut self.buf, id, cluster, metadata, vector);
+        put_thumbnail(&mut self.buf, thumbnail);
         self.count += 1;
     }
 
@@ -187,7 +189,7 @@ fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, String> {
     }
     let mut r = Reader::new(&body[8..]);
     let version = r.u32("version")?;
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(format!("unknown snapshot version {version}"));
     }
     let file_dim = r.u32("dimension")? as usize;
@@ -203,7 +205,7 @@ fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, String> {
             1 => true,
             other => return Err(format!("slot flag {other} is neither 0 nor 1")),
         };
-        slots.push((live, r.item(dim)?));
+        slots.push((live, if version == 1 { r.item(dim)? } else { r.item_with_thumbnail(dim)? }));
     }
     if !r.is_empty() {
         return Err("trailing bytes after the items".to_string());
@@ -218,9 +220,9 @@ mod tests {
     #[test]
     fn snapshot_round_trip_and_damage_detection() {
         let dir = tempfile::tempdir().unwrap();
-        let item = ItemRecord { id: "x".into(), cluster: 3, metadata: None, vector: vec![0.6, 0.8] };
+        let item = ItemRecord { id: "x".into(), cluster: 3, metadata: None, vector: vec![0.6, 0.8], thumbnail: Some(vec![7; 5]) };
         let mut enc = Encoder::new(2, 9, 1);
-        enc.push(true, &item.id, item.cluster, None, &item.vector);
+        enc.push(true, &item.id, item.cluster, None, &item.vector, item.thumbnail.as_deref());
         let params = GraphParams { m: 4, ef_construction: 8 };
         let graph = Graph::new(params, 2, 1);
         graph.insert(&[(&item.vector[..], 0)]);
@@ -243,5 +245,23 @@ mod tests {
         bytes[40] ^= 1;
         fs::write(&file, bytes).unwrap();
         assert!(load_latest(dir.path(), 2).unwrap_err().to_string().contains("checksum"));
+    }
+
+    /// A version-1 file, laid out as releases before thumbnails wrote it, still reads.
+    #[test]
+    fn version_1_snapshot_reads_without_thumbnails() {
+        let item = ItemRecord { id: "old".into(), cluster: 1, metadata: Some(serde_json::json!({"a": 1})), vector: vec![1.0, 0.0], thumbnail: None };
+        let mut buf = Vec::new();
+        buf.extend_from_slice(MAGIC);
+        put_u32(&mut buf, 1);
+        put_u32(&mut buf, 2);
+        put_u64(&mut buf, 4);
+        put_u64(&mut buf, 1);
+        buf.push(1);
+        put_item_parts(&mut buf, &item.id, item.cluster, item.metadata.as_ref(), &item.vector);
+        let crc = crc32fast::hash(&buf);
+        put_u32(&mut buf, crc);
+        let snap = decode(&buf, 2, Path::new("d")).unwrap();
+        assert_eq!((snap.seq, snap.slots), (4, vec![(true, item)]));
     }
 }

@@ -13,6 +13,8 @@ pub(crate) struct Slot {
     pub id: Arc<str>,
     pub cluster: u32,
     pub metadata: Option<Arc<Value>>,
+    /// Dropped when the item is deleted or replaced.
+    pub thumbnail: Option<Arc<[u8]>>,
     /// False until the graph insert finished (so searches never return a half-inserted item)
     /// and again once deleted or replaced (a tombstone).
     pub live: bool,
@@ -82,6 +84,7 @@ impl State {
                 id: Arc::from(it.id.as_str()),
                 cluster: it.cluster,
                 metadata: it.metadata.clone().map(Arc::new),
+                thumbnail: it.thumbnail.as_deref().map(Arc::from),
                 live: false,
             });
         }
@@ -105,6 +108,7 @@ impl State {
         let Some(slot) = self.by_id.remove(id) else { return false };
         let s = &mut self.slots[slot];
         s.live = false;
+        s.thumbnail = None;
         if let Some(members) = self.clusters.get_mut(&s.cluster) {
             members.remove(id);
             if members.is_empty() {
@@ -131,6 +135,7 @@ impl State {
                 cluster: s.cluster,
                 metadata: s.metadata.as_deref().cloned(),
                 vector: vectors.get(i).to_vec(),
+                thumbnail: s.thumbnail.as_deref().map(<[u8]>::to_vec),
             }))
             .collect()
     }

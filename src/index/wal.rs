@@ -2,7 +2,9 @@
 //! caller hears back.
 //!
 //! A record is a 12-byte header `payload_len u32 | payload_crc u32 | header_crc u32`
-//! followed by the payload `seq u64 | op u8 | body`. The header has its own checksum so
+//! followed by the payload `seq u64 | op u8 | body`. Op 1 adds items, op 2 deletes one, op 3
+//! adds items each followed by an optional thumbnail (op 1 is still written when no item of
+//! the batch has one, so logs without thumbnails keep the layout older versions read). The header has its own checksum so
 //! that a damaged length in the middle of the log cannot pass for a torn last record.
 
 use std::fs::{File, OpenOptions};
@@ -10,7 +12,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::codec::{ItemRecord, Reader, put_item, put_str, put_u32, put_u64};
+use super::codec::{ItemRecord, Reader, put_item, put_str, put_thumbnail, put_u32, put_u64};
 use super::error::IndexError;
 
 const HEADER_LEN: usize = 12;
@@ -18,6 +20,7 @@ const HEADER_LEN: usize = 12;
 const MAX_PAYLOAD: u32 = 1 << 30;
 const OP_ADD: u8 = 1;
 const OP_DELETE: u8 = 2;
+const OP_ADD_WITH_THUMBNAILS: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Op {
@@ -116,10 +119,14 @@ fn encode(seq: u64, op: &Op) -> Result<Vec<u8>, IndexError> {
     put_u64(&mut payload, seq);
     match op {
         Op::Add(items) => {
-            payload.push(OP_ADD);
+            let thumbnails = items.iter().any(|it| it.thumbnail.is_some());
+            payload.push(if thumbnails { OP_ADD_WITH_THUMBNAILS } else { OP_ADD });
             put_u32(&mut payload, items.len() as u32);
             for it in items {
                 put_item(&mut payload, it);
+                if thumbnails {
+                    put_thumbnail(&mut payload, it.thumbnail.as_deref());
+                }
             }
         }
         Op::Delete(id) => {
@@ -205,11 +212,11 @@ fn decode(payload: &[u8], dim: usize) -> Result<(u64, Op), String> {
     let mut r = Reader::new(payload);
     let seq = r.u64("sequence number")?;
     let op = match r.u8("operation")? {
-        OP_ADD => {
+        op @ (OP_ADD | OP_ADD_WITH_THUMBNAILS) => {
             let n = r.u32("item count")? as usize;
             let mut items = Vec::with_capacity(n.min(1 << 16));
             for _ in 0..n {
-                items.push(r.item(dim)?);
+                items.push(if op == OP_ADD { r.item(dim)? } else { r.item_with_thumbnail(dim)? });
             }
             Op::Add(items)
         }
@@ -227,7 +234,7 @@ mod tests {
     use super::*;
 
     fn add(id: &str) -> Op {
-        Op::Add(vec![ItemRecord { id: id.into(), cluster: 1, metadata: None, vector: vec![1.0, 0.0] }])
+        Op::Add(vec![ItemRecord { id: id.into(), cluster: 1, metadata: None, vector: vec![1.0, 0.0], thumbnail: None }])
     }
 
     fn log_of(ops: &[(u64, Op)]) -> Vec<u8> {
@@ -240,6 +247,18 @@ mod tests {
         let s = scan(&log_of(&ops), Path::new("x"), 2).unwrap();
         assert_eq!(s.records, ops);
         assert!(s.torn.is_none());
+    }
+
+    #[test]
+    fn thumbnails_use_their_own_op_and_read_back() {
+        let plain = add("a");
+        assert_eq!(encode(1, &plain).unwrap()[HEADER_LEN + 8], OP_ADD, "no thumbnails: the old layout");
+        let Op::Add(mut items) = add("b") else { unreachable!() };
+        items.push(ItemRecord { id: "c".into(), cluster: 2, metadata: None, vector: vec![0.0, 1.0], thumbnail: Some(vec![1, 2, 3]) });
+        let with = Op::Add(items);
+        assert_eq!(encode(2, &with).unwrap()[HEADER_LEN + 8], OP_ADD_WITH_THUMBNAILS);
+        let ops = vec![(1, plain), (2, with)];
+        assert_eq!(scan(&log_of(&ops), Path::new("x"), 2).unwrap().records, ops);
     }
 
     #[test]

@@ -4,5 +4,5 @@
 mod pipeline;
 mod sources;
 
-pub use pipeline::{BuildOptions, BuildReport, Embedded, Embedder, Rejected, build};
+pub use pipeline::{BuildOptions, BuildReport, Embedded, Embedder, Prepared, Rejected, build};
 pub use sources::{Source, list};

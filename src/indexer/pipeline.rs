@@ -24,8 +24,9 @@ pub struct Embedded {
 pub trait Embedder: Sync {
     /// Floats per preprocessed image.
     fn tensor_len(&self) -> usize;
-    /// Decodes and preprocesses one file; the error is the reason shown in `rejected.tsv`.
-    fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String>;
+    /// Decodes and preprocesses one file into its tensor and, where thumbnails are kept, an
+    /// encoded thumbnail; the error is the reason shown in `rejected.tsv`.
+    fn prepare(&self, bytes: &[u8]) -> Result<Prepared, String>;
     /// Embeds `n` tensors laid end to end.
     fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>>;
 }
@@ -59,7 +60,10 @@ pub struct BuildReport {
     pub seconds: f64,
 }
 
-type Decoded = (Source, Result<Vec<f32>, String>);
+/// A preprocessed file: the model's input tensor and an optional encoded thumbnail.
+pub type Prepared = (Vec<f32>, Option<Vec<u8>>);
+
+type Decoded = (Source, Result<Prepared, String>);
 
 /// Indexes every source not already in `index`. Bad files are collected, not fatal; model
 /// and index failures are.
@@ -161,10 +165,11 @@ fn infer(
     let len = embedder.tensor_len();
     let mut rejected = Vec::new();
     let batch_size = sizes.batch;
-    let mut ids = Vec::with_capacity(batch_size);
+    // Each id with its thumbnail.
+    let mut ids: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(batch_size);
     let mut tensors = Vec::with_capacity(batch_size * len);
     let mut embedded = 0;
-    let mut flush = |ids: &mut Vec<String>, tensors: &mut Vec<f32>| -> anyhow::Result<()> {
+    let mut flush = |ids: &mut Vec<(String, Option<Vec<u8>>)>, tensors: &mut Vec<f32>| -> anyhow::Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -178,7 +183,7 @@ fn infer(
         let items = ids
             .drain(..)
             .zip(out)
-            .map(|(id, e)| NewItem { id, vector: e.vector, cluster: e.cluster, metadata: None })
+            .map(|((id, thumbnail), e)| NewItem { id, vector: e.vector, cluster: e.cluster, metadata: None, thumbnail })
             .collect::<Vec<_>>();
         embedded += items.len();
         tensors.clear();
@@ -190,14 +195,14 @@ fn infer(
             return Ok((rejected, embedded));
         }
         match result {
-            Ok(t) if t.len() == len => {
-                ids.push(source.id);
+            Ok((t, thumbnail)) if t.len() == len => {
+                ids.push((source.id, thumbnail));
                 tensors.extend_from_slice(&t);
                 if ids.len() == batch_size {
                     flush(&mut ids, &mut tensors)?;
                 }
             }
-            Ok(t) => {
+            Ok((t, _)) => {
                 let reason = format!("preprocessed to {} values, the model takes {len}", t.len());
                 rejected.push(Rejected { path: source.path, reason });
                 progress.inc(1);
@@ -251,8 +256,10 @@ mod tests {
         fn tensor_len(&self) -> usize {
             1
         }
-        fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, String> {
-            std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<f32>().ok()).map(|n| vec![n]).ok_or("not a number".into())
+        fn prepare(&self, bytes: &[u8]) -> Result<Prepared, String> {
+            let n = std::str::from_utf8(bytes).ok().and_then(|s| s.parse::<f32>().ok()).ok_or("not a number")?;
+            // Even numbers get a "thumbnail" (their text), odd ones none.
+            Ok((vec![n], (n as u32 % 2 == 0).then(|| bytes.to_vec())))
         }
         fn embed(&self, batch: &[f32], n: usize) -> anyhow::Result<Vec<Embedded>> {
             std::thread::sleep(self.delay);
@@ -288,6 +295,8 @@ mod tests {
         assert_eq!(reasons.len(), 6);
         assert!(reasons[0].starts_with("cannot read") && reasons[1..].iter().all(|r| *r == "not a number"), "{reasons:?}");
         assert_eq!(index.get("7.txt").unwrap().cluster, 1);
+        assert_eq!(index.thumbnail("8.txt").as_deref(), Some(&b"8"[..]), "each item keeps its own thumbnail");
+        assert!(index.thumbnail("7.txt").is_none());
         let again = build(sources, &Fake::default(), &index, &opts).unwrap();
         assert_eq!((again.indexed, again.already_present, again.rejected.len()), (0, 45, 6));
     }

@@ -5,6 +5,7 @@ mod decode;
 mod jpeg;
 pub mod pixels;
 pub mod resize;
+pub mod thumbnail;
 
 use crate::bundle::InputSpec;
 pub use decode::decode;
@@ -131,6 +132,20 @@ impl Preprocessor {
     pub fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, PreprocessError> {
         let plane = self.prepare_plane(bytes)?;
         Ok(to_chw(&plane))
+    }
+
+    /// Like [`Preprocessor::prepare`], plus, when `thumbnail` is set, a thumbnail of the
+    /// preprocessed image (see [`thumbnail::encode`]). A thumbnail that cannot be encoded is left
+    /// out, not an error.
+    pub fn prepare_item(&self, bytes: &[u8], thumbnail: bool) -> Result<(Vec<f32>, Option<Vec<u8>>), PreprocessError> {
+        if !thumbnail {
+            return Ok((self.prepare(bytes)?, None));
+        }
+        let plane = self.prepare_plane(bytes)?;
+        let thumb = thumbnail::encode(&plane)
+            .map_err(|e| tracing::warn!(error = %e, "no thumbnail for an image"))
+            .ok();
+        Ok((to_chw(&plane), thumb))
     }
 
     /// Like [`Preprocessor::prepare`] but stops before the float conversion (8-bit H×W×C).

@@ -150,6 +150,10 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     pub ready: bool,
     pub index: Option<swav::index::Index>,
+    /// Keep thumbnails of added items (`--thumbnails`).
+    pub thumbnails: bool,
+    /// Serve the web page at `/` (`--no-ui` turns it off).
+    pub ui: bool,
 }
 
 impl Default for ServerConfig {
@@ -164,6 +168,8 @@ impl Default for ServerConfig {
             api_key: None,
             ready: true,
             index: None,
+            thumbnails: true,
+            ui: true,
         }
     }
 }
@@ -181,7 +187,9 @@ pub async fn start_in_process(bundle: &Bundle, runner: Arc<dyn BatchRunner>, cfg
     };
     let mut state = AppState::new(info, Preprocessor::new(&bundle.manifest.input, cfg.decode), batcher, metrics)
         .with_limits(cfg.limits)
-        .with_api_key(cfg.api_key);
+        .with_api_key(cfg.api_key)
+        .with_thumbnails(cfg.thumbnails)
+        .with_ui(cfg.ui);
     if let Some(index) = cfg.index {
         state = state.with_index(index);
     }

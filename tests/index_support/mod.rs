@@ -39,7 +39,7 @@ pub fn unit(mut v: Vec<f32>) -> Vec<f32> {
 pub fn items(data: &[(Vec<f32>, u32)], prefix: &str) -> Vec<NewItem> {
     data.iter()
         .enumerate()
-        .map(|(i, (v, c))| NewItem { id: format!("{prefix}{i}"), vector: v.clone(), cluster: *c, metadata: None })
+        .map(|(i, (v, c))| NewItem { id: format!("{prefix}{i}"), vector: v.clone(), cluster: *c, metadata: None, thumbnail: None })
         .collect()
 }
 

@@ -66,6 +66,7 @@ def test_first_run_exports_indexes_then_serves(sandbox):
         f"serve --model {model} --index {index} --listen 0.0.0.0:9123 --workers 2",
     ]
     assert "listening on" in result.stdout
+    assert result.stdout.splitlines()[0].endswith(": http://127.0.0.1:9123/"), "the web page's URL comes first"
     png = f"{images}/Bag/00003.png"
     # Examples name a real file, reach the server on loopback, and read the key from the environment.
     assert f"--data-binary @{png}" in result.stdout
