@@ -280,11 +280,13 @@ async function searchById(id) {
 function showPrototypes(assignment) {
   const list = $('prototype-list');
   list.replaceChildren();
+  // Bars relative to the most likely prototype: with many prototypes every probability is small.
+  const top = Math.max(...assignment.top.map((p) => p.probability), 1e-9);
   for (const p of assignment.top) {
     const li = el('li');
     li.append(link('#/cluster/' + p.cluster, 'cluster ' + p.cluster));
     const bar = el('span', 'bar');
-    bar.style.width = Math.round(p.probability * 100) + 'px';
+    bar.style.width = Math.max(1, Math.round((p.probability / top) * 80)) + 'px';
     li.append(bar, el('span', 'prob', (p.probability * 100).toFixed(1) + ' %'));
     list.append(li);
   }
