@@ -230,3 +230,24 @@ fn build_runs_one_single_threaded_session_per_core_on_cpu_unless_told() {
     assert_eq!((one["workers"].as_u64(), one["intra_threads"].as_u64()), (Some(1), Some(cores)), "{one}");
     assert_eq!(one["inference_batch"].as_u64(), Some(2), "{one}");
 }
+
+/// `index build` keeps a thumbnail of each image (the preprocessed image), none with `--thumbnails=false`.
+#[test]
+fn build_keeps_thumbnails_unless_told_not_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("photos");
+    fs::create_dir_all(&input).unwrap();
+    fs::write(input.join("a.png"), common::gray_png(40, 30, 1)).unwrap();
+    let m = model();
+    let (with, without) = (tmp.path().join("with"), tmp.path().join("without"));
+    stdout_json(&build(&input, &with, &m));
+    let (i, o) = (input.display().to_string(), without.display().to_string());
+    stdout_json(&swav(&["index", "build", "--model", &m, "--device", "cpu", "--input", &i, "--out", &o, "--no-progress", "--thumbnails=false"]));
+
+    let index = swav::index::Index::open(&with, swav::index::IndexOptions::default()).unwrap();
+    let png = image::load_from_memory_with_format(&index.thumbnail("a.png").expect("a thumbnail"), image::ImageFormat::Png).unwrap();
+    let crop = &common::gray_bundle().manifest.input.crop;
+    assert_eq!((png.width(), png.height()), (crop.width, crop.height), "the preprocessed image");
+    let index = swav::index::Index::open(&without, swav::index::IndexOptions::default()).unwrap();
+    assert!(index.contains("a.png") && index.thumbnail("a.png").is_none());
+}

@@ -169,6 +169,7 @@ def browser(tmp_path_factory):
         "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={profile}",
     ]:
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # Everything is given, so selenium's driver manager never looks anything up online.
     os.environ["SE_OFFLINE"] = "true"
     driver = webdriver.Chrome(service=Service(executable_path=tool("chromedriver")), options=opts)
@@ -289,6 +290,7 @@ def test_item_view_and_delete(browser, server, images, artifacts):
 def test_ids_and_metadata_are_shown_as_text_and_never_run(browser, server, images, artifacts):
     _, path = first_image(images)
     image = base64.b64encode(path.read_bytes()).decode()
+    browser.get_log("browser")  # start from an empty console
     status, body = server.api("POST", "/v1/items", {"items": [{"id": XSS_ID, "image": image, "metadata": XSS_META}]})
     assert status == 200, body
     open_page(browser, server.base, "#/item/" + urllib.parse.quote(XSS_ID, safe=""))
@@ -307,6 +309,9 @@ def test_ids_and_metadata_are_shown_as_text_and_never_run(browser, server, image
     assert XSS_ID in shown, f"the id is shown as its text: {shown}"
     browser.save_screenshot(str(artifacts / "xss.png"))
     assert browser.execute_script("return window.__pwned") is None, "a payload ran"
+    # Had any of it been parsed as HTML, the CSP would have blocked its handler and said so.
+    blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert blocked == [], blocked
     assert browser.find_elements(By.CSS_SELECTOR, "img[src='x'], b, main script") == []
     status, _ = server.api("DELETE", "/v1/items/" + urllib.parse.quote(XSS_ID, safe=""))
     assert status == 204
