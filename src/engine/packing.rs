@@ -213,7 +213,8 @@ impl Tensor {
         if self.data_type != FLOAT || self.external {
             return Err(PackError::Tensor(name.into(), "not an inline float tensor"));
         }
-        let count: usize = self.dims.iter().product();
+        let count = self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let count = count.ok_or(PackError::Tensor(name.into(), "dims overflow"))?;
         let values: Vec<f32> = match self.message.bytes(TENSOR_RAW_DATA) {
             Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
             None => self.message.fixed32s(TENSOR_FLOAT_DATA)?.into_iter().map(f32::from_bits).collect(),
@@ -428,7 +429,8 @@ fn packable_conv(node: &Node, inits: &Initializers) -> Result<Option<(usize, usi
         return Ok(None);
     }
     let Some(w) = inits.get(&node.inputs[1]) else { return Ok(None) };
-    if w.data_type != FLOAT || w.external || w.dims.len() < 3 {
+    // The packed tensor is reshaped as [N / P, P·C, H, W]: only 2-D convolutions fit it.
+    if w.data_type != FLOAT || w.external || w.dims.len() != 4 {
         return Ok(None);
     }
     if let Some(b) = node.inputs.get(2).filter(|b| !b.is_empty()) {
@@ -642,6 +644,24 @@ mod tests {
         let copies = names.iter().filter(|n| **n == format!("{shared}{PACKED}")).count();
         assert_eq!(copies, 1, "{names:?}");
         assert_eq!(names.iter().collect::<HashSet<_>>().len(), names.len(), "initializer names repeat");
+    }
+
+    #[test]
+    fn only_rank_4_convolution_weights_are_packable() {
+        let conv = Node { inputs: vec!["x".into(), "w".into()], outputs: vec!["y".into()], op_type: "Conv".into(), standard: true, rest: Vec::new() };
+        let weight = |dims: Vec<usize>| Initializers {
+            by_name: [("w".to_string(), Tensor { dims, data_type: FLOAT, external: false, message: Message { fields: Vec::new() } })].into(),
+        };
+        assert_eq!(packable_conv(&conv, &weight(vec![4, 2, 3, 3])).unwrap(), Some((4, 2)));
+        for dims in [vec![4], vec![4, 2, 3], vec![4, 2, 3, 3, 3]] {
+            assert_eq!(packable_conv(&conv, &weight(dims.clone())).unwrap(), None, "rank {} accepted", dims.len());
+        }
+    }
+
+    #[test]
+    fn dims_whose_product_overflows_are_an_error() {
+        let t = Tensor { dims: vec![usize::MAX, 2], data_type: FLOAT, external: false, message: Message { fields: Vec::new() } };
+        assert!(t.floats("w").is_err());
     }
 
     #[test]
