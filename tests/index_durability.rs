@@ -252,3 +252,68 @@ fn a_snapshot_without_its_graph_file_gets_it_back_after_one_rebuild() {
     assert_eq!(index.len(), 400);
     assert_finds_itself(&index, &data, 0..400, "g");
 }
+
+fn snapshot_dirs(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("snapshot-")).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_last_two_snapshots_are_kept_and_a_damaged_newest_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(120, 3, 0.8, 22);
+    {
+        let index = open(dir.path());
+        for (n, chunk) in items(&data, "k").chunks(30).enumerate() {
+            index.add(chunk.to_vec()).unwrap();
+            if n < 3 {
+                index.snapshot().unwrap();
+            }
+        }
+        assert!(index.delete("k5").unwrap());
+    }
+    let snaps = snapshot_dirs(dir.path());
+    assert_eq!(snaps.len(), 2, "keep exactly the two newest snapshots: {snaps:?}");
+    // The newest one, damaged: the one before it and the log since then hold everything.
+    let newest = snaps.last().unwrap().clone();
+    let file = newest.join("items.bin");
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    let index = open(dir.path());
+    assert_eq!(index.len(), 119);
+    assert!(!index.contains("k5") && index.contains("k119"));
+    assert_finds_itself(&index, &data, 6..120, "k");
+    assert!(!newest.exists(), "the damaged snapshot must be set aside, not used again");
+    assert!(fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("damaged-snapshot-")));
+    index.add(items(&data[..1], "after")).unwrap();
+    index.close().unwrap();
+    let index = open(dir.path());
+    assert_eq!(index.len(), 120);
+}
+
+#[test]
+fn two_damaged_snapshots_refuse_to_open_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = clustered(60, 2, 0.8, 23);
+    {
+        let index = open(dir.path());
+        index.add(items(&data[..30], "z")).unwrap();
+        index.snapshot().unwrap();
+        index.add(items(&data[30..], "y")).unwrap();
+        index.snapshot().unwrap();
+    }
+    for snap in snapshot_dirs(dir.path()) {
+        let file = snap.join("items.bin");
+        let mut bytes = fs::read(&file).unwrap();
+        bytes[40] ^= 0x10;
+        fs::write(&file, &bytes).unwrap();
+    }
+    let before: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let err = Index::open_or_create(dir.path(), identity(), IndexOptions::default()).err().expect("must refuse");
+    assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
+    let after: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(before, after);
+}

@@ -25,9 +25,10 @@ pub struct IndexArgs {
 pub enum IndexCommand {
     /// Embed a folder (or a list) of images into an index; a rerun adds only what is missing.
     Build(BuildArgs),
-    /// Print the index's counts, clusters and model as JSON.
+    /// Print the index's counts, clusters and model as JSON (reads the index, changes nothing).
     Stats(DirArgs),
-    /// Print the nearest indexed items of image files as JSON ({"results": [[...], ...]}).
+    /// Print the nearest indexed items of image files as JSON ({"results": [[...], ...]});
+    /// reads the index, changes nothing.
     Search(SearchArgs),
     /// Rebuild the graph without deleted items and write a snapshot.
     Compact(DirArgs),
@@ -109,7 +110,8 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         IndexCommand::Build(a) => build(a),
         IndexCommand::Stats(a) => {
-            let index = open_existing(&a.dir)?;
+            let index = Index::open_read_only(&a.dir, None, IndexOptions::default())
+                .with_context(|| format!("cannot open index {}", a.dir.display()))?;
             print_json(&index.stats())
         }
         IndexCommand::Search(a) => search(a),
@@ -122,9 +124,12 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
 
 /// Opens (or creates) the index for this bundle's model; refuses one made by another model.
 pub fn open_for_model(dir: &Path, bundle: &Bundle) -> anyhow::Result<Index> {
+    Index::open_or_create(dir, identity_of(bundle), IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
+}
+
+fn identity_of(bundle: &Bundle) -> ModelIdentity {
     let m = &bundle.manifest;
-    let identity = ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim };
-    Index::open_or_create(dir, identity, IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
+    ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim }
 }
 
 fn open_existing(dir: &Path) -> anyhow::Result<Index> {
@@ -245,7 +250,8 @@ fn write_rejected(path: &Path, report: &BuildReport) -> anyhow::Result<()> {
 
 fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     let bundle = args.model.load_bundle()?;
-    let index = open_for_model(&args.dir, &bundle)?;
+    let index = Index::open_read_only(&args.dir, Some(&identity_of(&bundle)), IndexOptions::default())
+        .with_context(|| format!("cannot open index {}", args.dir.display()))?;
     let (_, outputs) = super::oneshot::infer_files(&args.model, &args.files)?;
     let results = outputs
         .iter()

@@ -65,7 +65,8 @@ fn handle(state: &AppState) -> Result<&IndexHandle, ApiError> {
 fn index_error(e: IndexError) -> ApiError {
     match e {
         IndexError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m),
-        IndexError::Poisoned(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "index_unavailable", e.to_string()),
+        IndexError::Poisoned(..) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "index_unavailable", e.to_string()),
+        IndexError::CompactionRunning { .. } => ApiError::new(StatusCode::CONFLICT, "compaction_running", e.to_string()),
         other => ApiError::internal(format!("index error: {other}")),
     }
 }

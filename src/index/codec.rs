@@ -121,11 +121,15 @@ impl<'a> Reader<'a> {
             let b = self.bytes(meta_len as usize, "metadata")?;
             Some(serde_json::from_slice(b).map_err(|e| format!("metadata of '{id}' is not JSON: {e}"))?)
         };
-        let raw = self.bytes(dim * 4, "vector")?;
-        let vector = raw
+        let len = dim.checked_mul(4).ok_or_else(|| format!("dimension {dim} is too large"))?;
+        let raw = self.bytes(len, "vector")?;
+        let vector: Vec<f32> = raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if vector.iter().any(|x| !x.is_finite()) {
+            return Err(format!("vector of '{id}' holds NaN or infinity"));
+        }
         Ok(ItemRecord { id, cluster, metadata, vector, thumbnail: None })
     }
 

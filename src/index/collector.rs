@@ -1,5 +1,6 @@
 //! The index's numbers as Prometheus metrics, read from [`Index::stats`] at scrape time so
-//! they can never drift from the index itself.
+//! they can never drift from the index itself. `stats` takes no lock a write holds, so a scrape
+//! never waits for a write, a snapshot or a compaction.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -26,10 +27,14 @@ impl IndexCollector {
             ("index_clusters", "Clusters with at least one item", |s| s.clusters as f64),
             ("index_log_bytes", "Bytes in the write-ahead log since the last snapshot", |s| s.log_bytes as f64),
             ("index_last_snapshot_duration_seconds", "How long the last snapshot took", |s| s.last_snapshot_seconds),
+            ("index_writable", "1 while the index accepts writes; 0 once a log write or fsync failed (restart to recover)", |s| {
+                if s.unavailable.is_none() && !s.read_only { 1.0 } else { 0.0 }
+            }),
         ];
         let counters: Vec<(&str, &str, Read)> = vec![
             ("index_searches_total", "Nearest-neighbour searches", |s| s.searches as f64),
             ("index_snapshots_total", "Snapshots written since start", |s| s.snapshots as f64),
+            ("index_snapshot_failures_total", "Snapshots that failed since start (each is retried with backoff)", |s| s.snapshot_failures as f64),
             ("index_compactions_total", "Compactions since start", |s| s.compactions as f64),
         ];
         let gauges = gauges

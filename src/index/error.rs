@@ -30,9 +30,17 @@ pub enum IndexError {
     /// Another process holds the index.
     #[error("index {0} is in use by another process")]
     Locked(PathBuf),
-    /// A previous write failed half-way and could not be rolled back; the index refuses writes.
-    #[error("index {0} refuses writes after an earlier I/O failure; restart to recover from the log")]
-    Poisoned(PathBuf),
+    /// A write or fsync of the log failed. After a failed fsync the kernel may have dropped
+    /// the dirty pages, so no later success could prove anything: the index refuses every
+    /// write until it is reopened, and keeps answering reads.
+    #[error("index {0} refuses writes after an I/O error on its log ({1}); reads still work; restart to recover from disk")]
+    Poisoned(PathBuf, String),
+    /// A compaction is already running; `done` of `total` items are in its new graph.
+    #[error("a compaction is already running ({done} of {total} items rebuilt); try again when it has finished")]
+    CompactionRunning { done: usize, total: usize },
+    /// The index was opened read-only (`swav index stats|search`).
+    #[error("index {0} is open read-only")]
+    ReadOnly(PathBuf),
     #[error("{context} {path}: {source}")]
     Io {
         context: &'static str,

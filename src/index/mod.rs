@@ -10,8 +10,15 @@
 
 mod codec;
 mod collector;
+#[cfg(test)]
+mod compact_tests;
 mod error;
+mod faults;
+#[cfg(test)]
+mod fuzz;
 mod graph;
+#[cfg(test)]
+mod reach;
 mod snapshot;
 mod store;
 mod wal;
@@ -20,21 +27,22 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak, mpsc};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use codec::ItemRecord;
-use graph::GraphParams;
+use graph::{Graph, GraphParams};
 use store::State;
 use wal::{Op, Wal};
 
 pub use collector::IndexCollector;
 pub use error::{IndexError, ModelMismatch};
+pub use faults::{FaultPoint, Faults, NoFaults};
 pub use wal::TornTail;
 
 const IDENTITY_FILE: &str = "index.json";
@@ -45,6 +53,14 @@ const FORMAT_VERSION: u32 = 1;
 pub const MAX_ID_BYTES: usize = 1024;
 /// Largest accepted thumbnail, in bytes: thumbnails are small previews, not the images.
 pub const MAX_THUMBNAIL_BYTES: usize = 1 << 20;
+/// Largest vector dimension: far above any embedding we serve, and small enough that sizes
+/// computed from it (bytes per vector, per snapshot) cannot overflow.
+pub const MAX_DIM: usize = 1 << 16;
+/// First wait before a failed snapshot is retried; it doubles up to the maximum.
+const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_millis(500);
+const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Items per step of a compaction's rebuild, between updates of its progress.
+const COMPACT_CHUNK: usize = 4096;
 /// Examples listed per cluster by [`Index::clusters`].
 const CLUSTER_EXAMPLES: usize = 5;
 
@@ -150,13 +166,27 @@ pub struct IndexStats {
     pub snapshot_seq: u64,
     pub searches: u64,
     pub snapshots: u64,
+    /// Snapshots that failed (each is retried with backoff; the log keeps every write meanwhile).
+    pub snapshot_failures: u64,
     pub last_snapshot_seconds: f64,
     pub compactions: u64,
+    /// The running compaction's progress, if one is running.
+    pub compaction: Option<CompactionProgress>,
+    /// Why the index refuses writes, if a log write or fsync failed (reads still work).
+    pub unavailable: Option<String>,
+    pub read_only: bool,
     pub options: IndexOptions,
     /// What recovery cut off the end of the log when this index was opened.
     pub recovered_torn_tail: Option<TornTail>,
     /// Whether opening loaded the snapshot's graph (true) or had to build one (false).
     pub graph_restored: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CompactionProgress {
+    /// Items already in the new graph.
+    pub done: usize,
+    pub total: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -166,9 +196,42 @@ struct IdentityFile {
 }
 
 struct Writer {
-    wal: Wal,
+    /// None when the index is open read-only.
+    wal: Option<Wal>,
     next_seq: u64,
-    snapshot_seq: u64,
+}
+
+impl Writer {
+    fn wal(&mut self, dir: &Path) -> Result<&mut Wal, IndexError> {
+        self.wal.as_mut().ok_or_else(|| IndexError::ReadOnly(dir.to_path_buf()))
+    }
+}
+
+/// Numbers that readers (stats, metrics) get without any lock, so that a long write,
+/// snapshot or compaction never holds up a scrape or an async route.
+#[derive(Default)]
+struct Counters {
+    items: AtomicUsize,
+    tombstones: AtomicUsize,
+    clusters: AtomicUsize,
+    log_bytes: AtomicU64,
+    last_seq: AtomicU64,
+    snapshot_seq: AtomicU64,
+    searches: AtomicU64,
+    snapshots: AtomicU64,
+    snapshot_failures: AtomicU64,
+    compactions: AtomicU64,
+    last_snapshot_micros: AtomicU64,
+}
+
+/// The one compaction allowed at a time, and what it has done so far.
+#[derive(Default)]
+struct Compaction {
+    running: AtomicBool,
+    done: AtomicUsize,
+    total: AtomicUsize,
+    /// Writes made while the new graph is built, carried over into it at the swap.
+    journal: Mutex<Option<Vec<Op>>>,
 }
 
 struct Inner {
@@ -177,15 +240,18 @@ struct Inner {
     opts: IndexOptions,
     state: RwLock<State>,
     writer: Mutex<Writer>,
-    searches: AtomicU64,
-    snapshots: AtomicU64,
-    compactions: AtomicU64,
-    last_snapshot_micros: AtomicU64,
-    compacting: AtomicBool,
+    counters: Counters,
+    compaction: Compaction,
+    /// One snapshot at a time; the writer lock is held only while one is captured.
+    snapshotting: Mutex<()>,
+    /// Wakes the background snapshot thread; None when read-only.
+    snapshot_due: Option<mpsc::Sender<()>>,
+    unavailable: Mutex<Option<String>>,
+    faults: Arc<dyn Faults>,
     recovered: Option<TornTail>,
     graph_restored: bool,
-    /// Holds an exclusive flock for as long as the index is open.
-    _lock: fs::File,
+    /// Holds an exclusive flock for as long as the index is open for writing.
+    _lock: Option<fs::File>,
 }
 
 /// A handle to an open index; cheap to clone, all methods take `&self`.
@@ -194,78 +260,118 @@ pub struct Index {
     inner: Arc<Inner>,
 }
 
+/// Whether an open may change files (the server, the indexer) or only reads them (`stats`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// What opening read from disk, before anything on disk is changed.
+struct Recovered {
+    state: State,
+    logs_good_len: u64,
+    torn: Option<TornTail>,
+    partial: Vec<PathBuf>,
+    damaged: Vec<(u64, PathBuf)>,
+    snapshot_seq: u64,
+    next_seq: u64,
+    graph_restored: bool,
+    /// A snapshot whose graph had to be rebuilt slot for slot: stored back so the next start
+    /// does not rebuild it again.
+    store_graph_in: Option<PathBuf>,
+    replayed: usize,
+}
+
 impl Index {
     /// Opens the index in `dir`, creating an empty one if the directory is missing or empty.
-    /// Loads the newest snapshot, replays the log after it, and cuts off a torn last record.
+    /// Loads the newest readable snapshot (falling back to the one before it), replays the
+    /// log after it, and cuts off a torn last record.
     pub fn open_or_create(dir: &Path, identity: ModelIdentity, opts: IndexOptions) -> Result<Index, IndexError> {
+        Index::open_with_faults(dir, identity, opts, Arc::new(NoFaults))
+    }
+
+    /// As [`Index::open_or_create`], with I/O steps that `faults` may fail (for tests).
+    pub fn open_with_faults(dir: &Path, identity: ModelIdentity, opts: IndexOptions, faults: Arc<dyn Faults>) -> Result<Index, IndexError> {
         validate_options(&identity, &opts)?;
         fs::create_dir_all(dir).map_err(IndexError::io("cannot create index directory", dir))?;
         let lock = lock_dir(dir)?;
         check_identity(dir, &identity)?;
-        let snap = snapshot::load_latest(dir, identity.dim)?;
-        let (wal, scan) = Wal::open(&dir.join(LOG_FILE), identity.dim)?;
-        if let Some(t) = &scan.torn {
+        Index::open_mode(dir, identity, opts, Mode::ReadWrite, Some(lock), faults)
+    }
+
+    /// Opens an existing index with the model identity it records (for tools that need no
+    /// model: compaction). Fails if `dir` holds no index.
+    pub fn open(dir: &Path, opts: IndexOptions) -> Result<Index, IndexError> {
+        let file = read_identity(dir)?;
+        Index::open_or_create(dir, file.model, opts)
+    }
+
+    /// Opens an existing index without changing any file: no lock file, no cut of a torn log
+    /// tail (it is only left out), no graph stored, nothing removed. Writes are refused.
+    /// With `identity`, refuses an index made by another model.
+    pub fn open_read_only(dir: &Path, identity: Option<&ModelIdentity>, opts: IndexOptions) -> Result<Index, IndexError> {
+        let file = read_identity(dir)?;
+        if file.format != FORMAT_VERSION {
+            return Err(IndexError::corrupt(dir.join(IDENTITY_FILE), format!("unknown index format {}", file.format)));
+        }
+        if let Some(want) = identity {
+            check_same_model(dir, &file.model, want)?;
+        }
+        validate_options(&file.model, &opts)?;
+        Index::open_mode(dir, file.model, opts, Mode::ReadOnly, None, Arc::new(NoFaults))
+    }
+
+    fn open_mode(dir: &Path, identity: ModelIdentity, opts: IndexOptions, mode: Mode, lock: Option<fs::File>, faults: Arc<dyn Faults>) -> Result<Index, IndexError> {
+        let started = Instant::now();
+        let r = recover(dir, &identity, &opts)?;
+        if let Some(t) = &r.torn {
             tracing::warn!(index = %dir.display(), offset = t.offset, bytes = t.bytes, reason = %t.reason,
                 "dropped a torn last record from the log (a write that was never acknowledged)");
         }
-        let snapshot_seq = snap.as_ref().map_or(0, |s| s.seq);
-        let last_log_seq = scan.records.last().map_or(0, |(s, _)| *s);
-        let started = Instant::now();
-        let mut graph_restored = false;
-        // Where the graph had to be rebuilt slot for slot (no tombstones), it is stored back
-        // into the snapshot so the next start does not rebuild it again.
-        let mut store_rebuilt_graph_in = None;
-        let mut state = match snap {
-            Some(s) => {
-                let graph = snapshot::load_graph(&s.dir, &s.slots, graph_params(&opts), identity.dim);
-                graph_restored = graph.is_some();
-                if !graph_restored && !s.slots.is_empty() && s.slots.iter().all(|(live, _)| *live) {
-                    store_rebuilt_graph_in = Some(s.dir.clone());
+        // Only now, with everything read and checked, may the files change.
+        let wal = match mode {
+            Mode::ReadOnly => None,
+            Mode::ReadWrite => {
+                snapshot::remove_partial(&r.partial)?;
+                for (seq, d) in &r.damaged {
+                    snapshot::set_aside(dir, d, *seq)?;
                 }
-                State::restore(identity.dim, graph_params(&opts), s.slots, graph)
+                if let Some(snapshot_dir) = &r.store_graph_in {
+                    snapshot::store_graph(snapshot_dir, &r.state.graph)?;
+                }
+                Some(Wal::open(dir, &dir.join(LOG_FILE), r.logs_good_len, Arc::clone(&faults))?)
             }
-            None => State::restore(identity.dim, graph_params(&opts), Vec::new(), None),
         };
-        if let Some(snapshot_dir) = store_rebuilt_graph_in {
-            snapshot::store_graph(&snapshot_dir, &state.graph)?;
-        }
-        let replayed = replay(&mut state, scan.records, snapshot_seq);
-        tracing::info!(index = %dir.display(), items = state.live_len(), replayed,
-            seconds = started.elapsed().as_secs_f64(), "index opened");
-        snapshot::remove_older(dir, snapshot_seq)?;
-        let writer = Writer { wal, next_seq: snapshot_seq.max(last_log_seq) + 1, snapshot_seq };
+        tracing::info!(index = %dir.display(), items = r.state.live_len(), replayed = r.replayed,
+            seconds = started.elapsed().as_secs_f64(), read_only = (mode == Mode::ReadOnly), "index opened");
+        let (tx, rx) = mpsc::channel();
         let inner = Inner {
             dir: dir.to_path_buf(),
             identity,
             opts,
-            state: RwLock::new(state),
-            writer: Mutex::new(writer),
-            searches: AtomicU64::new(0),
-            snapshots: AtomicU64::new(0),
-            compactions: AtomicU64::new(0),
-            last_snapshot_micros: AtomicU64::new(0),
-            compacting: AtomicBool::new(false),
-            recovered: scan.torn,
-            graph_restored,
+            writer: Mutex::new(Writer { wal, next_seq: r.next_seq }),
+            counters: Counters::default(),
+            compaction: Compaction::default(),
+            snapshotting: Mutex::new(()),
+            snapshot_due: (mode == Mode::ReadWrite).then_some(tx),
+            unavailable: Mutex::new(None),
+            faults,
+            recovered: r.torn,
+            graph_restored: r.graph_restored,
+            state: RwLock::new(r.state),
             _lock: lock,
         };
-        Ok(Index { inner: Arc::new(inner) })
-    }
-
-    /// Opens an existing index with the model identity it records (for tools that need no
-    /// model: stats, compaction). Fails if `dir` holds no index.
-    pub fn open(dir: &Path, opts: IndexOptions) -> Result<Index, IndexError> {
-        let path = dir.join(IDENTITY_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(IndexError::InvalidInput(format!("{} holds no index (no {IDENTITY_FILE})", dir.display())));
-            }
-            Err(e) => return Err(IndexError::io("cannot read", &path)(e)),
-        };
-        let file: IdentityFile = serde_json::from_slice(&bytes)
-            .map_err(|e| IndexError::corrupt(&path, format!("unreadable identity file: {e}")))?;
-        Index::open_or_create(dir, file.model, opts)
+        inner.count(&inner.state.read());
+        let c = &inner.counters;
+        c.log_bytes.store(r.logs_good_len, Ordering::Relaxed);
+        c.last_seq.store(r.next_seq - 1, Ordering::Relaxed);
+        c.snapshot_seq.store(r.snapshot_seq, Ordering::Relaxed);
+        let inner = Arc::new(inner);
+        if mode == Mode::ReadWrite {
+            spawn_snapshotter(&inner, rx);
+        }
+        Ok(Index { inner })
     }
 
     pub fn identity(&self) -> &ModelIdentity {
@@ -286,11 +392,12 @@ impl Index {
         let mut w = inner.writer.lock();
         let seq = w.next_seq;
         let op = Op::Add(records);
-        w.wal.append(seq, &op)?;
-        w.next_seq += 1;
+        inner.log(&mut w, seq, &op)?;
         let Op::Add(records) = op else { unreachable!("built as Add above") };
+        inner.journal(|| Op::Add(records.clone()));
         let report = inner.apply_add(records);
-        inner.after_write(&mut w)?;
+        inner.after_write();
+        drop(w);
         Ok(report)
     }
 
@@ -302,10 +409,15 @@ impl Index {
             return Ok(false);
         }
         let seq = w.next_seq;
-        w.wal.append(seq, &Op::Delete(id.to_string()))?;
-        w.next_seq += 1;
-        inner.state.write().remove(id);
-        inner.after_write(&mut w)?;
+        inner.log(&mut w, seq, &Op::Delete(id.to_string()))?;
+        inner.journal(|| Op::Delete(id.to_string()));
+        {
+            let mut st = inner.state.write();
+            st.remove(id);
+            inner.count(&st);
+        }
+        inner.after_write();
+        drop(w);
         Ok(true)
     }
 
@@ -331,7 +443,7 @@ impl Index {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.state.read().live_len()
+        self.inner.counters.items.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -381,14 +493,16 @@ impl Index {
         ClusterItems { cluster, total: members.len(), items }
     }
 
-    /// Writes a snapshot of every live item and empties the log.
+    /// Writes a snapshot of every live item now, and sets the log up to it aside. Writes
+    /// wait only while the items are copied, not while they are written out.
     pub fn snapshot(&self) -> Result<(), IndexError> {
-        let mut w = self.inner.writer.lock();
-        self.inner.snapshot_locked(&mut w)
+        self.inner.snapshot()
     }
 
-    /// Rebuilds the graph without tombstones, then snapshots. Searches continue meanwhile;
-    /// writes wait.
+    /// Rebuilds the graph without tombstones beside the live one, swaps it in under a short
+    /// lock, then snapshots. Searches and writes continue meanwhile; writes made during the
+    /// rebuild are carried over. Does nothing when there are no tombstones. A second call while
+    /// one runs gets [`IndexError::CompactionRunning`].
     pub fn compact(&self) -> Result<CompactReport, IndexError> {
         self.inner.compact()
     }
@@ -398,29 +512,165 @@ impl Index {
         self.snapshot()
     }
 
+    /// The index's numbers, read without taking any lock that a write holds.
     pub fn stats(&self) -> IndexStats {
         let inner = &self.inner;
-        let (log_bytes, last_seq, snapshot_seq) = {
-            let w = inner.writer.lock();
-            (w.wal.len(), w.next_seq - 1, w.snapshot_seq)
-        };
-        let st = inner.state.read();
+        let c = &inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let running = inner.compaction.running.load(Ordering::Acquire);
         IndexStats {
             model: inner.identity.clone(),
-            items: st.live_len(),
-            tombstones: st.tombstones,
-            clusters: st.clusters.len(),
-            log_bytes,
-            last_seq,
-            snapshot_seq,
-            searches: inner.searches.load(Ordering::Relaxed),
-            snapshots: inner.snapshots.load(Ordering::Relaxed),
-            last_snapshot_seconds: inner.last_snapshot_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            compactions: inner.compactions.load(Ordering::Relaxed),
+            items: c.items.load(Ordering::Relaxed),
+            tombstones: c.tombstones.load(Ordering::Relaxed),
+            clusters: c.clusters.load(Ordering::Relaxed),
+            log_bytes: get(&c.log_bytes),
+            last_seq: get(&c.last_seq),
+            snapshot_seq: get(&c.snapshot_seq),
+            searches: get(&c.searches),
+            snapshots: get(&c.snapshots),
+            snapshot_failures: get(&c.snapshot_failures),
+            last_snapshot_seconds: get(&c.last_snapshot_micros) as f64 / 1e6,
+            compactions: get(&c.compactions),
+            compaction: running.then(|| inner.compaction.progress()),
+            unavailable: inner.unavailable.lock().clone(),
+            read_only: inner.snapshot_due.is_none(),
             options: inner.opts.clone(),
             recovered_torn_tail: inner.recovered.clone(),
             graph_restored: inner.graph_restored,
         }
+    }
+
+    /// Checks the graph's shape and that every live item is reachable (for tests).
+    #[cfg(test)]
+    fn check_graph(&self) -> Result<(), String> {
+        let st = self.inner.state.read();
+        st.graph.check(&|s| st.slots[s].live)
+    }
+}
+
+impl Compaction {
+    fn progress(&self) -> CompactionProgress {
+        CompactionProgress { done: self.done.load(Ordering::Relaxed), total: self.total.load(Ordering::Relaxed) }
+    }
+}
+
+/// Marks the compaction finished however it ends.
+struct CompactionGuard<'a>(&'a Compaction);
+
+impl Drop for CompactionGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.journal.lock() = None;
+        self.0.running.store(false, Ordering::Release);
+    }
+}
+
+/// Reads the snapshots and logs and rebuilds the state, changing nothing on disk. A snapshot
+/// that cannot be read is passed over for the one before it, provided the log segments lead
+/// from that one to now without a gap.
+fn recover(dir: &Path, identity: &ModelIdentity, opts: &IndexOptions) -> Result<Recovered, IndexError> {
+    let dim = identity.dim;
+    let (snaps, partial) = snapshot::list(dir)?;
+    let logs = wal::read_all(dir, &dir.join(LOG_FILE), dim)?;
+    let newest_named = snaps.last().map_or(0, |(s, _)| *s);
+    let mut damaged = Vec::new();
+    let mut first_error = None;
+    let mut chosen = None;
+    for (i, (seq, sdir)) in snaps.iter().enumerate().rev() {
+        match snapshot::load(sdir, *seq, dim) {
+            Ok(s) => {
+                chosen = Some(s);
+                break;
+            }
+            Err(e) => {
+                tracing::error!(snapshot = %sdir.display(), error = %e, "snapshot unreadable; trying the one before it");
+                damaged.push((*seq, sdir.clone()));
+                first_error.get_or_insert(e);
+                if i + 2 <= snaps.len() {
+                    break; // only the two newest are kept with the log that leads on from them
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        // A fallback is only good if the log holds every write since the snapshot it falls
+        // back to, up to (at least) the damaged one's.
+        let base = chosen.as_ref().map_or(0, |s: &snapshot::Snapshot| s.seq);
+        let after: Vec<u64> = logs.records.iter().map(|(s, _)| *s).filter(|&s| s > base).collect();
+        let gapless = after.iter().enumerate().all(|(i, &s)| s == base + 1 + i as u64);
+        let reaches = after.last().copied().unwrap_or(base) >= newest_named;
+        if !(gapless && reaches) {
+            return Err(e);
+        }
+        tracing::warn!(index = %dir.display(), base, "recovering from an older snapshot and the log");
+    }
+    let snapshot_seq = chosen.as_ref().map_or(0, |s| s.seq);
+    let params = graph_params(opts);
+    let mut graph_restored = false;
+    let mut store_graph_in = None;
+    let mut state = match chosen {
+        Some(s) => {
+            let graph = snapshot::load_graph(&s.dir, &s.slots, params, dim);
+            graph_restored = graph.is_some();
+            if !graph_restored && !s.slots.is_empty() && s.slots.iter().all(|(live, _)| *live) {
+                store_graph_in = Some(s.dir.clone());
+            }
+            State::restore(dim, params, s.slots, graph)
+        }
+        None => State::restore(dim, params, Vec::new(), None),
+    };
+    let last_log_seq = logs.records.last().map_or(0, |(s, _)| *s);
+    let replayed = replay(&mut state, logs.records, snapshot_seq);
+    Ok(Recovered {
+        state,
+        logs_good_len: logs.good_len,
+        torn: logs.torn,
+        partial,
+        damaged,
+        snapshot_seq,
+        next_seq: snapshot_seq.max(last_log_seq).max(newest_named) + 1,
+        graph_restored,
+        store_graph_in,
+        replayed,
+    })
+}
+
+/// Takes due snapshots off the request path. A failure is logged, counted, and retried after
+/// a backoff that doubles up to a minute; the log keeps every write meanwhile. The thread ends
+/// when the index is dropped.
+fn spawn_snapshotter(inner: &Arc<Inner>, rx: mpsc::Receiver<()>) {
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    let spawned = std::thread::Builder::new().name("swav-snapshot".into()).spawn(move || {
+        let mut backoff = Duration::ZERO;
+        loop {
+            if backoff.is_zero() {
+                if rx.recv().is_err() {
+                    return;
+                }
+            } else {
+                let until = Instant::now() + backoff;
+                while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+                    if let Err(mpsc::RecvTimeoutError::Disconnected) = rx.recv_timeout(left) {
+                        return;
+                    }
+                }
+            }
+            while rx.try_recv().is_ok() {}
+            let Some(inner) = weak.upgrade() else { return };
+            if backoff.is_zero() && !inner.snapshot_is_due() {
+                continue;
+            }
+            match inner.snapshot() {
+                Ok(()) => backoff = Duration::ZERO,
+                Err(e) => {
+                    inner.counters.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                    backoff = (backoff * 2).clamp(SNAPSHOT_RETRY_FIRST, SNAPSHOT_RETRY_MAX);
+                    tracing::error!(index = %inner.dir.display(), error = %e, retry_in = ?backoff, "snapshot failed; the log still holds every write");
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the snapshot thread; snapshots happen only at shutdown");
     }
 }
 
@@ -450,6 +700,37 @@ impl Inner {
         Ok(out)
     }
 
+    /// Appends a record to the log (durably) and advances the sequence. A failure poisons
+    /// the index for writes.
+    fn log(&self, w: &mut Writer, seq: u64, op: &Op) -> Result<(), IndexError> {
+        let wal = w.wal(&self.dir)?;
+        let result = wal.append(seq, op);
+        let len = wal.len();
+        if let Err(IndexError::Poisoned(_, why)) = &result {
+            self.unavailable.lock().get_or_insert_with(|| why.clone());
+        }
+        result?;
+        w.next_seq += 1;
+        self.counters.log_bytes.store(len, Ordering::Relaxed);
+        self.counters.last_seq.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hands a write to a running compaction, which carries it over into its new graph.
+    fn journal(&self, op: impl FnOnce() -> Op) {
+        if let Some(j) = self.compaction.journal.lock().as_mut() {
+            j.push(op());
+        }
+    }
+
+    /// Publishes the item table's counts for lock-free readers.
+    fn count(&self, st: &State) {
+        let c = &self.counters;
+        c.items.store(st.live_len(), Ordering::Release);
+        c.tombstones.store(st.tombstones, Ordering::Relaxed);
+        c.clusters.store(st.clusters.len(), Ordering::Relaxed);
+    }
+
     /// Puts logged items into the graph and publishes them. Called with the writer lock held.
     fn apply_add(&self, records: Vec<ItemRecord>) -> AddReport {
         let (graph, base) = {
@@ -465,34 +746,37 @@ impl Inner {
         for slot in base..base + records.len() {
             st.publish(slot);
         }
+        self.count(&st);
         AddReport { added: records.len(), replaced }
     }
 
-    /// Snapshot when the log is long; compaction in the background when tombstones pile up.
-    fn after_write(self: &Arc<Self>, w: &mut Writer) -> Result<(), IndexError> {
-        if w.wal.len() >= self.opts.snapshot_log_bytes {
-            self.snapshot_locked(w)?;
+    fn snapshot_is_due(&self) -> bool {
+        self.counters.log_bytes.load(Ordering::Relaxed) >= self.opts.snapshot_log_bytes
+    }
+
+    /// Wakes the snapshot thread when the log is long; starts a compaction in the background
+    /// when tombstones pile up. Never does either in the caller's request.
+    fn after_write(self: &Arc<Self>) {
+        if self.snapshot_is_due()
+            && let Some(tx) = &self.snapshot_due
+        {
+            let _ = tx.send(());
         }
-        let (tombstones, slots) = {
-            let st = self.state.read();
-            (st.tombstones, st.slots.len())
-        };
+        let tombstones = self.counters.tombstones.load(Ordering::Relaxed);
+        let slots = tombstones + self.counters.items.load(Ordering::Relaxed);
         let due = tombstones >= self.opts.compact_min_tombstones
             && tombstones as f64 >= self.opts.compact_ratio * slots as f64;
-        if due && !self.compacting.swap(true, Ordering::AcqRel) {
+        if due && !self.compaction.running.load(Ordering::Acquire) {
             let inner = Arc::clone(self);
-            std::thread::spawn(move || {
-                if let Err(e) = inner.compact() {
-                    tracing::error!(index = %inner.dir.display(), error = %e, "background compaction failed");
-                }
-                inner.compacting.store(false, Ordering::Release);
+            std::thread::spawn(move || match inner.compact() {
+                Ok(_) | Err(IndexError::CompactionRunning { .. }) => {}
+                Err(e) => tracing::error!(index = %inner.dir.display(), error = %e, "background compaction failed"),
             });
         }
-        Ok(())
     }
 
     fn search_unit(&self, q: &[f32], k: usize, ef: Option<usize>, cluster: Option<u32>, exclude: Option<&str>) -> Vec<Hit> {
-        self.searches.fetch_add(1, Ordering::Relaxed);
+        self.counters.searches.fetch_add(1, Ordering::Relaxed);
         let st = self.state.read();
         let candidates = match cluster {
             Some(c) => st.clusters.get(&c).map_or(0, |m| m.len()),
@@ -530,49 +814,111 @@ impl Inner {
             .collect()
     }
 
-    fn snapshot_locked(&self, w: &mut Writer) -> Result<(), IndexError> {
-        let seq = w.next_seq - 1;
-        if seq == w.snapshot_seq && w.wal.len() == 0 && seq > 0 {
-            return Ok(());
-        }
+    /// Captures the items under the writer lock (so they match the log's sequence exactly),
+    /// sets the log up to there aside, and writes the snapshot with no lock held.
+    fn snapshot(&self) -> Result<(), IndexError> {
+        let _one = self.snapshotting.lock();
         let started = Instant::now();
-        let enc = {
-            let st = self.state.read();
-            let mut enc = snapshot::Encoder::new(self.identity.dim, seq, st.slots.len());
-            let vectors = st.graph.vectors();
-            for (slot, s) in st.slots.iter().enumerate() {
-                // Tombstones keep their place: the graph dump refers to slots by number.
-                let (metadata, thumbnail) = if s.live { (s.metadata.as_deref(), s.thumbnail.as_deref()) } else { (None, None) };
-                enc.push(s.live, &s.id, s.cluster, metadata, vectors.get(slot), thumbnail);
+        let (seq, slots, vectors, graph) = {
+            let mut w = self.writer.lock();
+            let seq = w.next_seq - 1;
+            let wal = w.wal(&self.dir)?;
+            if seq == self.counters.snapshot_seq.load(Ordering::Acquire) && wal.len() == 0 && snapshot_exists(&self.dir, seq)? {
+                return Ok(());
             }
-            (enc, Arc::clone(&st.graph))
+            if let Some(why) = wal.poisoned() {
+                return Err(IndexError::Poisoned(self.dir.join(LOG_FILE), why.to_string()));
+            }
+            let (slots, vectors, graph) = {
+                let st = self.state.read();
+                let v = st.graph.vectors();
+                let floats = v.all();
+                let n = (st.slots.len() * self.identity.dim).min(floats.len());
+                (st.slots.clone(), floats[..n].to_vec(), st.graph.encode())
+            };
+            // An empty log has nothing to set aside (and a retry after a failed snapshot must
+            // not replace the segment that an earlier attempt set aside under this seq).
+            if wal.len() > 0 {
+                let rotated = wal.rotate(seq);
+                if let Err(IndexError::Poisoned(_, why)) = &rotated {
+                    self.unavailable.lock().get_or_insert_with(|| why.clone());
+                }
+                rotated?;
+            }
+            self.counters.log_bytes.store(0, Ordering::Relaxed);
+            (seq, slots, vectors, graph)
         };
-        let (enc, graph) = enc;
-        snapshot::write(&self.dir, seq, enc, &graph)?;
-        // Only now is the log redundant: a crash before this line replays it over the snapshot,
-        // skipping records the snapshot already holds.
-        w.wal.reset()?;
-        w.snapshot_seq = seq;
-        snapshot::remove_older(&self.dir, seq)?;
+        let dim = self.identity.dim;
+        let mut enc = snapshot::Encoder::new(dim, seq, slots.len());
+        for (slot, s) in slots.iter().enumerate() {
+            // Tombstones keep their place: the graph dump refers to slots by number.
+            let (metadata, thumbnail) = if s.live { (s.metadata.as_deref(), s.thumbnail.as_deref()) } else { (None, None) };
+            enc.push(s.live, &s.id, s.cluster, metadata, &vectors[slot * dim..(slot + 1) * dim], thumbnail);
+        }
+        drop((slots, vectors));
+        snapshot::write(&self.dir, seq, enc, &graph, &*self.faults)?;
+        // Only now are the log segments up to `seq` redundant (the previous snapshot's are
+        // kept with it, for a fallback).
+        self.counters.snapshot_seq.store(seq, Ordering::Release);
+        snapshot::prune(&self.dir)?;
         let micros = started.elapsed().as_micros() as u64;
-        self.last_snapshot_micros.store(micros, Ordering::Relaxed);
-        self.snapshots.fetch_add(1, Ordering::Relaxed);
+        self.counters.last_snapshot_micros.store(micros, Ordering::Relaxed);
+        self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
         tracing::info!(index = %self.dir.display(), seq, seconds = micros as f64 / 1e6, "snapshot written");
         Ok(())
     }
 
     fn compact(&self) -> Result<CompactReport, IndexError> {
         let started = Instant::now();
-        let mut w = self.writer.lock();
-        let (slots, tombstones) = {
+        let c = &self.compaction;
+        if c.running.swap(true, Ordering::AcqRel) {
+            return Err(IndexError::CompactionRunning { done: c.done.load(Ordering::Relaxed), total: c.total.load(Ordering::Relaxed) });
+        }
+        let _running = CompactionGuard(c);
+        let slots = {
+            let mut w = self.writer.lock();
+            w.wal(&self.dir)?;
             let st = self.state.read();
-            (st.live_slots(), st.tombstones)
+            if st.tombstones == 0 {
+                return Ok(CompactReport { items: st.live_len(), tombstones_removed: 0, seconds: started.elapsed().as_secs_f64() });
+            }
+            c.done.store(0, Ordering::Relaxed);
+            c.total.store(st.live_len(), Ordering::Relaxed);
+            *c.journal.lock() = Some(Vec::new());
+            st.live_slots()
         };
-        let items = slots.len();
-        let fresh = State::restore(self.identity.dim, graph_params(&self.opts), slots, None);
-        *self.state.write() = fresh;
-        self.snapshot_locked(&mut w)?;
-        self.compactions.fetch_add(1, Ordering::Relaxed);
+        // The new graph is built with no lock of the index held: searches and writes go on.
+        let graph = Graph::new(graph_params(&self.opts), self.identity.dim, slots.len());
+        for (n, chunk) in slots.chunks(COMPACT_CHUNK).enumerate() {
+            let points: Vec<(&[f32], usize)> =
+                chunk.iter().enumerate().map(|(i, (_, it))| (&it.vector[..], n * COMPACT_CHUNK + i)).collect();
+            graph.insert(&points);
+            c.done.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+        let (items, tombstones) = {
+            let _w = self.writer.lock();
+            let journal = c.journal.lock().take().unwrap_or_default();
+            let mut fresh = State::restore(self.identity.dim, graph_params(&self.opts), slots, Some(graph));
+            replay(&mut fresh, journal.into_iter().map(|op| (1, op)).collect(), 0);
+            let mut st = self.state.write();
+            let tombstones = st.tombstones;
+            let old = std::mem::replace(&mut *st, fresh);
+            self.count(&st);
+            let items = st.live_len();
+            drop(st);
+            drop(old);
+            (items, tombstones)
+        };
+        self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+        // The new slot layout goes into a snapshot now (else a restart would load the old one
+        // and replay); if that fails, the snapshot thread retries it.
+        if let Err(e) = self.snapshot() {
+            self.counters.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(index = %self.dir.display(), error = %e, "snapshot after compaction failed; will retry");
+            if let Some(tx) = &self.snapshot_due {
+                let _ = tx.send(());
+            }
+        }
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(index = %self.dir.display(), items, tombstones, seconds, "index compacted");
         Ok(CompactReport { items, tombstones_removed: tombstones, seconds })
@@ -641,8 +987,8 @@ fn replay(state: &mut State, records: Vec<(u64, Op)>, snapshot_seq: u64) -> usiz
 
 fn validate_options(identity: &ModelIdentity, opts: &IndexOptions) -> Result<(), IndexError> {
     let bad = |m: String| Err(IndexError::InvalidInput(m));
-    if identity.dim == 0 {
-        return bad("the model's vector dimension must be positive".into());
+    if identity.dim == 0 || identity.dim > MAX_DIM {
+        return bad(format!("the model's vector dimension must be between 1 and {MAX_DIM}, got {}", identity.dim));
     }
     if !(2..=255).contains(&opts.m) {
         return bad(format!("M must be between 2 and 255, got {}", opts.m));
@@ -696,6 +1042,34 @@ fn lock_dir(dir: &Path) -> Result<fs::File, IndexError> {
     Ok(f)
 }
 
+/// The identity file of an existing index.
+fn read_identity(dir: &Path) -> Result<IdentityFile, IndexError> {
+    let path = dir.join(IDENTITY_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(IndexError::InvalidInput(format!("{} holds no index (no {IDENTITY_FILE})", dir.display())));
+        }
+        Err(e) => return Err(IndexError::io("cannot read", &path)(e)),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| IndexError::corrupt(&path, format!("unreadable identity file: {e}")))
+}
+
+fn check_same_model(dir: &Path, found: &ModelIdentity, want: &ModelIdentity) -> Result<(), IndexError> {
+    if found.sha256 != want.sha256 || found.name != want.name || found.dim != want.dim {
+        return Err(IndexError::ModelMismatch(Box::new(error::ModelMismatch {
+            dir: dir.to_path_buf(),
+            found: found.clone(),
+            want: want.clone(),
+        })));
+    }
+    Ok(())
+}
+
+fn snapshot_exists(dir: &Path, seq: u64) -> Result<bool, IndexError> {
+    Ok(snapshot::list(dir)?.0.iter().any(|(s, _)| *s == seq))
+}
+
 /// Refuses an index made for another model; records the identity of a new one.
 fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<(), IndexError> {
     let path = dir.join(IDENTITY_FILE);
@@ -706,22 +1080,14 @@ fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<(), IndexError
             if file.format != FORMAT_VERSION {
                 return Err(IndexError::corrupt(&path, format!("unknown index format {}", file.format)));
             }
-            let found = file.model;
-            if found.sha256 != identity.sha256 || found.name != identity.name || found.dim != identity.dim {
-                return Err(IndexError::ModelMismatch(Box::new(error::ModelMismatch {
-                    dir: dir.to_path_buf(),
-                    found,
-                    want: identity.clone(),
-                })));
-            }
-            Ok(())
+            check_same_model(dir, &file.model, identity)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let has_data = dir.join(LOG_FILE).metadata().is_ok_and(|m| m.len() > 0)
                 || fs::read_dir(dir)
                     .map_err(IndexError::io("cannot list", dir))?
                     .flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("snapshot-"));
+                    .any(|e| { let n = e.file_name().to_string_lossy().into_owned(); n.starts_with("snapshot-") || n.starts_with("wal-") });
             if has_data {
                 return Err(IndexError::corrupt(&path, "missing, but the directory holds index data"));
             }

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use super::codec::{ItemRecord, Reader, put_item_parts, put_thumbnail, put_u32, put_u64};
 use super::error::IndexError;
+use super::faults::{FaultPoint, Faults};
 use super::graph::{GRAPH_FILE, Graph, GraphParams};
+use super::wal;
 
 const MAGIC: &[u8; 8] = b"SWAVSNP1";
 /// Version 2 follows every slot with its optional thumbnail; version 1 (no thumbnails) still reads.
@@ -20,6 +22,7 @@ const VERSION: u32 = 2;
 const ITEMS_FILE: &str = "items.bin";
 const PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-snapshot-";
+const DAMAGED_PREFIX: &str = "damaged-snapshot-";
 
 #[derive(Debug)]
 pub(crate) struct Snapshot {
@@ -53,7 +56,7 @@ impl Encoder {
         self.count += 1;
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.buf[24..32].copy_from_slice(&self.count.to_le_bytes());
         let crc = crc32fast::hash(&self.buf);
         put_u32(&mut self.buf, crc);
@@ -104,34 +107,46 @@ pub(crate) fn load_graph(snapshot_dir: &Path, slots: &[(bool, ItemRecord)], para
     }
 }
 
-/// Writes the snapshot durably and returns its directory. Older snapshots are left alone;
-/// the caller removes them once the log no longer needs them.
-pub(crate) fn write(index_dir: &Path, seq: u64, enc: Encoder, graph: &Graph) -> Result<PathBuf, IndexError> {
+/// Writes the snapshot durably and returns its directory: the files are fsynced, then their
+/// directory, then it is renamed into place and the index directory fsynced. `graph` is the
+/// graph's encoding (`Graph::encode`) taken together with the items.
+pub(crate) fn write(index_dir: &Path, seq: u64, enc: Encoder, graph: &[u8], faults: &dyn Faults) -> Result<PathBuf, IndexError> {
     let tmp = index_dir.join(format!("{TMP_PREFIX}{seq}"));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(IndexError::io("cannot clear", &tmp))?;
+    let result = write_into(index_dir, &tmp, seq, enc, graph, faults);
+    if result.is_err() && tmp.exists() {
+        let _ = fs::remove_dir_all(&tmp);
     }
-    fs::create_dir(&tmp).map_err(IndexError::io("cannot create", &tmp))?;
-    write_synced(&tmp.join(ITEMS_FILE), &enc.finish())?;
+    result
+}
+
+fn write_into(index_dir: &Path, tmp: &Path, seq: u64, enc: Encoder, graph: &[u8], faults: &dyn Faults) -> Result<PathBuf, IndexError> {
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(IndexError::io("cannot clear", tmp))?;
+    }
+    fs::create_dir(tmp).map_err(IndexError::io("cannot create", tmp))?;
+    let items = tmp.join(ITEMS_FILE);
+    faults.check(FaultPoint::SnapshotWrite).map_err(IndexError::io("cannot write", &items))?;
+    write_synced(&items, &enc.finish())?;
     // The graph's links, so that opening need not rebuild them.
-    write_synced(&tmp.join(GRAPH_FILE), &graph.encode())?;
-    sync_dir(&tmp)?;
+    write_synced(&tmp.join(GRAPH_FILE), graph)?;
+    sync_dir(tmp)?;
     let dest = index_dir.join(format!("{PREFIX}{seq:020}"));
     if dest.exists() {
         // Same seq means same contents (nothing was written in between); keep the old one.
-        fs::remove_dir_all(&tmp).map_err(IndexError::io("cannot remove", &tmp))?;
+        fs::remove_dir_all(tmp).map_err(IndexError::io("cannot remove", tmp))?;
         return Ok(dest);
     }
-    fs::rename(&tmp, &dest).map_err(IndexError::io("cannot rename snapshot into", &dest))?;
+    faults.check(FaultPoint::SnapshotRename).map_err(IndexError::io("cannot rename snapshot into", &dest))?;
+    fs::rename(tmp, &dest).map_err(IndexError::io("cannot rename snapshot into", &dest))?;
     sync_dir(index_dir)?;
     Ok(dest)
 }
 
 /// Snapshot directories by sequence number, oldest first.
-type Snapshots = Vec<(u64, PathBuf)>;
+pub(crate) type Snapshots = Vec<(u64, PathBuf)>;
 
 /// Snapshot directories, and leftovers of interrupted writes.
-fn list(index_dir: &Path) -> Result<(Snapshots, Vec<PathBuf>), IndexError> {
+pub(crate) fn list(index_dir: &Path) -> Result<(Snapshots, Vec<PathBuf>), IndexError> {
     let mut snaps = Vec::new();
     let mut partial = Vec::new();
     let entries = fs::read_dir(index_dir).map_err(IndexError::io("cannot list", index_dir))?;
@@ -151,35 +166,52 @@ fn list(index_dir: &Path) -> Result<(Snapshots, Vec<PathBuf>), IndexError> {
     Ok((snaps, partial))
 }
 
-/// Loads the newest snapshot, if any. Partial snapshots (never renamed into place) are
-/// deleted: they were not trusted by anyone.
-pub(crate) fn load_latest(index_dir: &Path, dim: usize) -> Result<Option<Snapshot>, IndexError> {
-    let (snaps, partial) = list(index_dir)?;
+/// Deletes partial snapshots (never renamed into place, so never trusted by anyone).
+pub(crate) fn remove_partial(partial: &[PathBuf]) -> Result<(), IndexError> {
     for p in partial {
-        fs::remove_dir_all(&p).map_err(IndexError::io("cannot remove partial snapshot", &p))?;
+        fs::remove_dir_all(p).map_err(IndexError::io("cannot remove partial snapshot", p))?;
     }
-    let Some((seq, dir)) = snaps.last() else { return Ok(None) };
+    Ok(())
+}
+
+/// Reads the snapshot in `dir`, which is named for sequence number `seq`.
+pub(crate) fn load(dir: &Path, seq: u64, dim: usize) -> Result<Snapshot, IndexError> {
     let path = dir.join(ITEMS_FILE);
     let bytes = fs::read(&path).map_err(IndexError::io("cannot read snapshot", &path))?;
     let snap = decode(&bytes, dim, dir).map_err(|reason| IndexError::corrupt(&path, reason))?;
-    if snap.seq != *seq {
+    if snap.seq != seq {
         return Err(IndexError::corrupt(&path, format!("holds sequence {} but is named {seq}", snap.seq)));
     }
-    Ok(Some(snap))
+    Ok(snap)
 }
 
-/// Removes every snapshot older than `keep_seq`.
-pub(crate) fn remove_older(index_dir: &Path, keep_seq: u64) -> Result<(), IndexError> {
+/// Renames a snapshot that could not be read out of the way (kept for inspection), so that it
+/// never counts as one of the snapshots kept.
+pub(crate) fn set_aside(index_dir: &Path, dir: &Path, seq: u64) -> Result<(), IndexError> {
+    let to = index_dir.join(format!("{DAMAGED_PREFIX}{seq:020}"));
+    fs::rename(dir, &to).map_err(IndexError::io("cannot set aside damaged snapshot", dir))?;
+    sync_dir(index_dir)
+}
+
+/// Keeps the two newest snapshots and the log segments that lead from the older of them to
+/// now, so that a damaged newest snapshot can fall back to the one before; removes the rest.
+pub(crate) fn prune(index_dir: &Path) -> Result<(), IndexError> {
     let (snaps, _) = list(index_dir)?;
-    for (seq, dir) in snaps {
-        if seq < keep_seq {
-            fs::remove_dir_all(&dir).map_err(IndexError::io("cannot remove old snapshot", &dir))?;
+    let Some(&(floor, _)) = snaps.iter().rev().nth(1).or(snaps.last()) else { return Ok(()) };
+    for (seq, dir) in &snaps {
+        if *seq < floor {
+            fs::remove_dir_all(dir).map_err(IndexError::io("cannot remove old snapshot", dir))?;
+        }
+    }
+    for (seq, path) in wal::segments(index_dir)? {
+        if seq <= floor {
+            fs::remove_file(&path).map_err(IndexError::io("cannot remove old log segment", &path))?;
         }
     }
     sync_dir(index_dir)
 }
 
-fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, String> {
+pub(crate) fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, String> {
     if bytes.len() < 36 || &bytes[..8] != MAGIC {
         return Err("not a swav snapshot (bad magic)".to_string());
     }
@@ -226,8 +258,8 @@ mod tests {
         let params = GraphParams { m: 4, ef_construction: 8 };
         let graph = Graph::new(params, 2, 1);
         graph.insert(&[(&item.vector[..], 0)]);
-        let path = write(dir.path(), 9, enc, &graph).unwrap();
-        let snap = load_latest(dir.path(), 2).unwrap().unwrap();
+        let path = write(dir.path(), 9, enc, &graph.encode(), &super::super::faults::NoFaults).unwrap();
+        let snap = load(&path, 9, 2).unwrap();
         assert_eq!((snap.seq, &snap.slots), (9, &vec![(true, item.clone())]));
         assert_eq!(load_graph(&path, &snap.slots, params, 2).expect("graph reloads").len(), 1);
         let two = vec![(true, item.clone()), (true, item.clone())];
@@ -239,12 +271,12 @@ mod tests {
         gbytes[10] ^= 1;
         fs::write(&g, gbytes).unwrap();
         assert!(load_graph(&path, &snap.slots, params, 2).is_none(), "a damaged graph must not be used");
-        assert!(load_latest(dir.path(), 3).unwrap_err().to_string().contains("dimension"));
+        assert!(load(&path, 9, 3).unwrap_err().to_string().contains("dimension"));
         let file = path.join(ITEMS_FILE);
         let mut bytes = fs::read(&file).unwrap();
         bytes[40] ^= 1;
         fs::write(&file, bytes).unwrap();
-        assert!(load_latest(dir.path(), 2).unwrap_err().to_string().contains("checksum"));
+        assert!(load(&path, 9, 2).unwrap_err().to_string().contains("checksum"));
     }
 
     /// A version-1 file, laid out as releases before thumbnails wrote it, still reads.

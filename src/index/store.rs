@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::codec::ItemRecord;
 use super::graph::{Graph, GraphParams};
 
+#[derive(Clone)]
 pub(crate) struct Slot {
     pub id: Arc<str>,
     pub cluster: u32,
@@ -61,6 +62,7 @@ impl State {
             } else {
                 st.pending -= 1;
                 st.tombstones += 1;
+                st.graph.retire(slot);
             }
         }
         st
@@ -80,6 +82,11 @@ impl State {
     pub fn reserve(&mut self, items: &[ItemRecord]) -> usize {
         let base = self.slots.len();
         for it in items {
+            // The version being replaced stops attracting links now; searches still see it
+            // until the new one is published.
+            if let Some(&old) = self.by_id.get(it.id.as_str()) {
+                self.graph.retire(old);
+            }
             self.slots.push(Slot {
                 id: Arc::from(it.id.as_str()),
                 cluster: it.cluster,
@@ -106,6 +113,7 @@ impl State {
     /// Tombstones the live item with this id; false if there is none.
     pub fn remove(&mut self, id: &str) -> bool {
         let Some(slot) = self.by_id.remove(id) else { return false };
+        self.graph.retire(slot);
         let s = &mut self.slots[slot];
         s.live = false;
         s.thumbnail = None;

@@ -8,12 +8,14 @@
 //! that a damaged length in the middle of the log cannot pass for a torn last record.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::codec::{ItemRecord, Reader, put_item, put_str, put_thumbnail, put_u32, put_u64};
 use super::error::IndexError;
+use super::faults::{FaultPoint, Faults};
+use super::snapshot::sync_dir;
 
 const HEADER_LEN: usize = 12;
 /// A length above this cannot come from us, so such a header is damage, not a big write.
@@ -21,6 +23,8 @@ const MAX_PAYLOAD: u32 = 1 << 30;
 const OP_ADD: u8 = 1;
 const OP_DELETE: u8 = 2;
 const OP_ADD_WITH_THUMBNAILS: u8 = 3;
+const SEGMENT_PREFIX: &str = "wal-";
+const SEGMENT_SUFFIX: &str = ".log";
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Op {
@@ -44,15 +48,82 @@ pub(crate) struct Scan {
 }
 
 pub(crate) struct Wal {
+    dir: PathBuf,
     path: PathBuf,
     file: File,
     len: u64,
-    poisoned: bool,
+    /// Why writes are refused, once a write or fsync of the log has failed.
+    poisoned: Option<String>,
+    faults: Arc<dyn Faults>,
+}
+
+/// Everything the log files hold: the segments set aside at earlier snapshots, oldest first,
+/// then the current log.
+#[derive(Debug)]
+pub(crate) struct Logs {
+    pub records: Vec<(u64, Op)>,
+    /// Bytes of whole records in the current log.
+    pub good_len: u64,
+    pub torn: Option<TornTail>,
+}
+
+/// `wal-<seq>.log`: the log as it was when the snapshot of `seq` was taken, kept while a
+/// snapshot it could rebuild from is kept.
+pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{seq:020}{SEGMENT_SUFFIX}"))
+}
+
+/// Set-aside log segments by sequence number, oldest first.
+pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, IndexError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(IndexError::io("cannot list", dir))? {
+        let entry = entry.map_err(IndexError::io("cannot list", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name.strip_prefix(SEGMENT_PREFIX).and_then(|n| n.strip_suffix(SEGMENT_SUFFIX)) else { continue };
+        let seq = n.parse::<u64>().map_err(|_| IndexError::corrupt(entry.path(), "log segment name is not wal-<number>.log"))?;
+        out.push((seq, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads every log file without changing any of them. A torn tail is allowed only at the end
+/// of the current log (the one appends go to); anywhere else it is corruption.
+pub(crate) fn read_all(dir: &Path, log: &Path, dim: usize) -> Result<Logs, IndexError> {
+    let mut records: Vec<(u64, Op)> = Vec::new();
+    for (_, path) in segments(dir)? {
+        let buf = std::fs::read(&path).map_err(IndexError::io("cannot read log segment", &path))?;
+        let s = scan(&buf, &path, dim)?;
+        if let Some(t) = s.torn {
+            return Err(IndexError::corrupt(&path, format!("log segment ends in a damaged record: {}", t.reason)));
+        }
+        append_in_order(&mut records, s.records, &path)?;
+    }
+    let buf = match std::fs::read(log) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(IndexError::io("cannot read log", log)(e)),
+    };
+    let s = scan(&buf, log, dim)?;
+    append_in_order(&mut records, s.records, log)?;
+    Ok(Logs { records, good_len: s.good_len, torn: s.torn })
+}
+
+fn append_in_order(records: &mut Vec<(u64, Op)>, more: Vec<(u64, Op)>, path: &Path) -> Result<(), IndexError> {
+    if let (Some((last, _)), Some((first, _))) = (records.last(), more.first())
+        && first <= last
+    {
+        return Err(IndexError::corrupt(path, format!("starts at sequence {first}, after {last} in an earlier segment")));
+    }
+    records.extend(more);
+    Ok(())
 }
 
 impl Wal {
-    /// Opens (or creates) the log, reads every record, and cuts a torn tail off the file.
-    pub fn open(path: &Path, dim: usize) -> Result<(Wal, Scan), IndexError> {
+    /// Opens (or creates) the current log for appending, cutting it to `good_len` bytes (what
+    /// `read_all` found whole) if it is longer.
+    pub fn open(dir: &Path, path: &Path, good_len: u64, faults: Arc<dyn Faults>) -> Result<Wal, IndexError> {
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -60,57 +131,85 @@ impl Wal {
             .truncate(false)
             .open(path)
             .map_err(IndexError::io("cannot open log", path))?;
-        let mut buf = Vec::new();
-        (&file).read_to_end(&mut buf).map_err(IndexError::io("cannot read log", path))?;
-        let scan = scan(&buf, path, dim)?;
-        if scan.torn.is_some() {
-            file.set_len(scan.good_len).map_err(IndexError::io("cannot truncate torn log", path))?;
+        let on_disk = file.metadata().map_err(IndexError::io("cannot stat log", path))?.len();
+        if on_disk > good_len {
+            file.set_len(good_len).map_err(IndexError::io("cannot truncate torn log", path))?;
             file.sync_all().map_err(IndexError::io("cannot fsync log", path))?;
         }
-        let wal = Wal { path: path.to_path_buf(), file, len: scan.good_len, poisoned: false };
-        Ok((wal, scan))
+        if !existed {
+            // The new file's name must be as durable as the records about to go into it.
+            sync_dir(dir)?;
+        }
+        Ok(Wal { dir: dir.to_path_buf(), path: path.to_path_buf(), file, len: good_len, poisoned: None, faults })
     }
 
     pub fn len(&self) -> u64 {
         self.len
     }
 
-    /// Appends one record and fsyncs it. On failure the file is cut back to its previous
-    /// length so that a half-written record never sits in front of later ones.
-    pub fn append(&mut self, seq: u64, op: &Op) -> Result<(), IndexError> {
-        if self.poisoned {
-            return Err(IndexError::Poisoned(self.path.clone()));
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    fn refuse(&self) -> Result<(), IndexError> {
+        match &self.poisoned {
+            Some(why) => Err(IndexError::Poisoned(self.path.clone(), why.clone())),
+            None => Ok(()),
         }
+    }
+
+    /// Appends one record and fsyncs it. Any failure poisons the log: the record is cut off
+    /// again as far as that still works, and every later write is refused (see
+    /// `IndexError::Poisoned`), because after a failed fsync nothing written since can be
+    /// trusted to be on disk.
+    pub fn append(&mut self, seq: u64, op: &Op) -> Result<(), IndexError> {
+        self.refuse()?;
         let frame = encode(seq, op)?;
         let result = self
-            .file
-            .write_all_at(&frame, self.len)
-            .and_then(|()| self.file.sync_data())
-            .map_err(IndexError::io("cannot append to log", &self.path));
+            .faults
+            .check(FaultPoint::LogWrite)
+            .and_then(|()| self.file.write_all_at(&frame, self.len))
+            .and_then(|()| self.faults.check(FaultPoint::LogSync))
+            .and_then(|()| self.file.sync_data());
         match result {
             Ok(()) => {
                 self.len += frame.len() as u64;
                 Ok(())
             }
             Err(e) => {
-                let rolled_back = self.file.set_len(self.len).and_then(|()| self.file.sync_data());
-                if rolled_back.is_err() {
-                    self.poisoned = true;
-                }
-                Err(e)
+                // A refused write must not come back at the next start: cut it off (best
+                // effort; the next start also drops a torn tail).
+                let _ = self.file.set_len(self.len).and_then(|()| self.file.sync_data());
+                let why = format!("cannot append to {}: {e}", self.path.display());
+                tracing::error!(log = %self.path.display(), error = %e, "log write failed; the index refuses writes until restarted");
+                self.poisoned = Some(why);
+                self.refuse()
             }
         }
     }
 
-    /// Empties the log once a snapshot holds everything in it.
-    pub fn reset(&mut self) -> Result<(), IndexError> {
-        let r = self.file.set_len(0).and_then(|()| self.file.sync_data());
-        if r.is_err() {
-            self.poisoned = true;
+    /// Sets the current log aside as the segment of snapshot `seq` and starts an empty one.
+    /// Records up to `seq` are then in segments only; a snapshot written afterwards makes them
+    /// redundant. A failure here poisons the log as a failed append does.
+    pub fn rotate(&mut self, seq: u64) -> Result<(), IndexError> {
+        self.refuse()?;
+        let segment = segment_path(&self.dir, seq);
+        let result = std::fs::rename(&self.path, &segment)
+            .and_then(|()| OpenOptions::new().read(true).write(true).create_new(true).open(&self.path))
+            .map_err(|e| format!("cannot start a new log after {}: {e}", segment.display()))
+            .and_then(|file| sync_dir(&self.dir).map(|()| file).map_err(|e| e.to_string()));
+        match result {
+            Ok(file) => {
+                self.file = file;
+                self.len = 0;
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(log = %self.path.display(), error = %why, "log rotation failed; the index refuses writes until restarted");
+                self.poisoned = Some(why);
+                self.refuse()
+            }
         }
-        r.map_err(IndexError::io("cannot truncate log", &self.path))?;
-        self.len = 0;
-        Ok(())
     }
 }
 

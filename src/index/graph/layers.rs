@@ -90,6 +90,9 @@ pub(crate) struct Layers {
     pub upper: Vec<Vec<Vec<u32>>>,
     pub entry: Option<(u32, u8)>,
     pub present: usize,
+    /// Slots whose item was deleted or replaced. They still route searches, but new links
+    /// avoid them, and a neighbour list that holds them is repaired (see `links_with`).
+    pub retired: Vec<bool>,
 }
 
 impl Layers {
@@ -106,6 +109,7 @@ impl Layers {
             upper: Vec::new(),
             entry: None,
             present: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -117,6 +121,11 @@ impl Layers {
     pub fn vector(&self, node: u32) -> &[f32] {
         let i = node as usize * self.dim;
         &self.vectors[i..i + self.dim]
+    }
+
+    #[inline]
+    pub fn is_retired(&self, node: u32) -> bool {
+        self.retired.get(node as usize).copied().unwrap_or(false)
     }
 
     #[inline]
@@ -167,6 +176,7 @@ impl Layers {
             self.vectors.resize(need * self.dim, 0.0);
             self.links0.resize(need * (self.m0 + 1), 0);
             self.upper.resize_with(need, Vec::new);
+            self.retired.resize(need, false);
         }
     }
 
@@ -277,19 +287,37 @@ impl Layers {
     }
 
     /// `node`'s links on `level` once `new` (vector `q`) joins them, pruned to the cap.
+    ///
+    /// A list that holds retired nodes is repaired on the way: each retired neighbour is
+    /// replaced by its own live neighbours as candidates (as FreshDiskANN consolidates deletes),
+    /// so the paths that ran through it survive its removal. Without this, lists filled up with
+    /// tombstones, above all with copies of one vector re-added under the same ids, and a new
+    /// node lost every incoming link: stored, but never found by search.
     fn links_with(&self, node: u32, level: usize, new: u32, q: &[f32]) -> Vec<u32> {
         let cap = if level == 0 { self.m0 } else { self.m };
         let current = self.neighbours(node, level);
         if current.contains(&new) {
             return current.to_vec();
         }
-        if current.len() < cap {
+        let crowded = current.iter().any(|&n| self.is_retired(n));
+        if current.len() < cap && !crowded {
             let mut ids = current.to_vec();
             ids.push(new);
             return ids;
         }
+        let mut ids: Vec<u32> = Vec::with_capacity(if crowded { cap * 4 } else { cap });
+        for &n in current {
+            if self.is_retired(n) {
+                ids.extend(self.neighbours(n, level).iter().filter(|&&x| x != node && !self.is_retired(x)));
+            } else {
+                ids.push(n);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids.retain(|&x| x != new);
         let base = self.vector(node);
-        let mut candidates: Vec<Scored> = current
+        let mut candidates: Vec<Scored> = ids
             .iter()
             .map(|&n| Scored { dist: self.dist(base, n), node: n })
             .chain(std::iter::once(Scored { dist: 1.0 - self.kernel.dot(base, q), node: new }))
@@ -310,7 +338,9 @@ impl Layers {
         for lc in (0..=levels).rev() {
             let found = with_visited(self.slots(), |v| self.search_level(v, q, start, self.ef_construction, lc, None));
             start = found[0];
-            links[lc] = self.select(&found, self.m, None);
+            // Links go to live nodes where there are any; retired ones only route.
+            let live: Vec<Scored> = found.iter().copied().filter(|s| !self.is_retired(s.node)).collect();
+            links[lc] = self.select(if live.is_empty() { &found } else { &live }, self.m, None);
             for &n in &links[lc] {
                 let new = self.links_with(n, lc, slot, q);
                 reverse.push(ReverseLink { node: n, level: lc, seen: self.neighbours(n, lc).to_vec(), new });

@@ -102,6 +102,62 @@ impl Graph {
         }
     }
 
+    /// Marks a slot whose item was deleted or replaced: it keeps routing searches, but new
+    /// links avoid it and lists that hold it are repaired as they change.
+    pub fn retire(&self, slot: usize) {
+        let mut l = self.layers.write();
+        if slot >= l.retired.len() {
+            l.make_room(slot as u32);
+        }
+        l.retired[slot] = true;
+    }
+
+    /// Checks the graph's shape: every list within its cap, no self-links, repeats or links to
+    /// nodes missing on that level, and every node `live` accepts reachable from the entry
+    /// point on level 0. Qdrant's connectivity test, as a function for the tests.
+    #[cfg(test)]
+    pub fn check(&self, live: &dyn Fn(usize) -> bool) -> Result<(), String> {
+        let l = self.layers.read();
+        for node in 0..l.slots() as u32 {
+            let level = l.levels[node as usize];
+            if level == layers::ABSENT {
+                continue;
+            }
+            for lc in 0..=level as usize {
+                let ids = l.neighbours(node, lc);
+                let cap = if lc == 0 { l.m0 } else { l.m };
+                if ids.len() > cap {
+                    return Err(format!("node {node} has {} links on level {lc}, above {cap}", ids.len()));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for &id in ids {
+                    let there = l.levels.get(id as usize).is_some_and(|&lv| lv != layers::ABSENT && lv as usize >= lc);
+                    if id == node || !there || !seen.insert(id) {
+                        return Err(format!("node {node} has a bad link to {id} on level {lc}"));
+                    }
+                }
+            }
+        }
+        let Some((entry, _)) = l.entry else {
+            return match (0..l.slots()).find(|&s| live(s)) {
+                Some(s) => Err(format!("no entry point, but node {s} is live")),
+                None => Ok(()),
+            };
+        };
+        let mut reached = vec![false; l.slots()];
+        let mut stack = vec![entry];
+        reached[entry as usize] = true;
+        while let Some(n) = stack.pop() {
+            for &x in l.neighbours(n, 0) {
+                if !std::mem::replace(&mut reached[x as usize], true) {
+                    stack.push(x);
+                }
+            }
+        }
+        let lost: Vec<usize> = (0..l.slots()).filter(|&s| live(s) && !reached[s]).collect();
+        if lost.is_empty() { Ok(()) } else { Err(format!("{} live nodes unreachable from the entry point: {:?}", lost.len(), &lost[..lost.len().min(10)])) }
+    }
+
     /// The paper's level draw, floor(-ln(U) / ln M), made a pure function of the slot.
     fn level_for(&self, slot: u32) -> u8 {
         let mut z = (slot as u64).wrapping_add(LEVEL_SEED).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -149,6 +205,11 @@ pub(crate) struct Vectors<'a> {
 }
 
 impl Vectors<'_> {
+    /// Every slot's vector, one after another.
+    pub fn all(&self) -> &[f32] {
+        &self.floats
+    }
+
     /// The unit vector of an inserted slot.
     pub fn get(&self, slot: usize) -> &[f32] {
         &self.floats[slot * self.dim..(slot + 1) * self.dim]

@@ -86,14 +86,18 @@ pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec
     if file_dim != dim || m != params.m {
         return Err(format!("graph was built with dim {file_dim} and M {m}; the index wants {dim} and {}", params.m));
     }
-    let slots = r.u64("slot count")? as usize;
-    if vectors.len() != slots * dim {
+    let slots = r.u64("slot count")?;
+    // Node ids are u32, and the slot count must match the items exactly: a count that does
+    // not is damage, whatever its checksum says, and is refused before anything is allocated.
+    let wanted = usize::try_from(slots).ok().and_then(|s| s.checked_mul(dim));
+    if slots > u64::from(u32::MAX) || wanted != Some(vectors.len()) {
         return Err(format!("graph has {slots} slots but the items hold {} vectors", vectors.len() / dim.max(1)));
     }
+    let slots = slots as usize; // ≤ u32::MAX, checked above
     let (entry, top) = (r.u32("entry point")?, r.u8("entry level")?);
     let mut l = Layers::new(dim, m, params.ef_construction);
-    if slots > 0 {
-        l.make_room(slots as u32 - 1);
+    if let Some(last) = slots.checked_sub(1) {
+        l.make_room(last as u32);
     }
     l.vectors = vectors;
     let mut lists: Vec<(u32, usize, Vec<u32>)> = Vec::new();
@@ -123,7 +127,8 @@ pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec
     // Links are checked once every level is known: a link on level lc must point at a node
     // that exists on level lc.
     for (node, lc, ids) in lists {
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= slots || (l.levels[id as usize] as usize) < lc) {
+        let exists = |id: u32| l.levels.get(id as usize).is_some_and(|&lv| lv != ABSENT && lv as usize >= lc);
+        if let Some(bad) = ids.iter().find(|&&id| !exists(id)) {
             return Err(format!("slot {node} links to {bad} on level {lc}, where no such node exists"));
         }
         l.set_neighbours(node, lc, &ids);
@@ -131,7 +136,7 @@ pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec
     l.present = slots;
     l.entry = match slots {
         0 => None,
-        _ if entry as usize >= slots || l.levels[entry as usize] != top => {
+        _ if l.levels.get(entry as usize) != Some(&top) => {
             return Err(format!("entry point {entry} at level {top} does not match its node"));
         }
         _ => Some((entry, top)),
