@@ -1,7 +1,8 @@
 //! The model bundle: `model.onnx` + `manifest.json`, as specified in `docs/bundle.md`.
 //!
 //! This is the one place that knows the bundle's on-disk format. Readers ignore unknown keys
-//! (adding a field is not a schema change) and reject any schema version but [`SCHEMA_VERSION`].
+//! (adding a field is not a schema change) and reject schema versions they do not know: this one
+//! reads version 1 (every output present) and [`SCHEMA_VERSION`].
 
 use std::fs;
 use std::io::Read;
@@ -10,8 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The only manifest schema version this build understands.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The manifest schema version the trainer writes now. Version 2 lets a model lack the projection
+/// and the prototypes (a backbone-only import), adds k-means `centroid_scores` and weights kept in
+/// an external data file (`model_data`).
+pub const SCHEMA_VERSION: u32 = 2;
+/// Every version this build reads.
+pub const SUPPORTED_SCHEMA_VERSIONS: [u32; 2] = [1, SCHEMA_VERSION];
 
 const MANIFEST_FILE: &str = "manifest.json";
 
@@ -30,7 +35,7 @@ pub enum BundleError {
         source: serde_json::Error,
     },
     #[error(
-        "{path}: manifest schema_version {found} is not supported (this swav reads version {SCHEMA_VERSION}); \
+        "{path}: manifest schema_version {found} is not supported (this swav reads versions 1 to {SCHEMA_VERSION}); \
          re-export the bundle with a matching trainer"
     )]
     SchemaVersion { path: PathBuf, found: u32 },
@@ -52,6 +57,14 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub model_path: PathBuf,
+}
+
+/// A file that `model.onnx` keeps its weights in (ONNX external data), checked like the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataFile {
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +92,8 @@ pub struct Manifest {
     pub parity: Option<serde_json::Value>,
     #[serde(default)]
     pub golden: Option<String>,
+    #[serde(default)]
+    pub model_data: Option<DataFile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,8 +133,37 @@ pub struct CropSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outputs {
     pub embedding: OutputSpec,
-    pub projection: OutputSpec,
-    pub prototype_scores: OutputSpec,
+    /// Absent (null) in a model without the projection head.
+    #[serde(default)]
+    pub projection: Option<OutputSpec>,
+    /// Absent (null) in a model without learned prototypes.
+    #[serde(default)]
+    pub prototype_scores: Option<OutputSpec>,
+    /// Cosine of the embedding to k-means centroids computed at import; only in models without
+    /// prototypes, whose clusters they then are.
+    #[serde(default)]
+    pub centroid_scores: Option<OutputSpec>,
+}
+
+/// What groups the index's items into clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// The model's learned prototypes (argmax of `prototype_scores`).
+    Prototypes(usize),
+    /// k-means centroids of the embeddings, computed at import (argmax of `centroid_scores`).
+    Centroids(usize),
+    /// Neither: items are not clustered.
+    None,
+}
+
+impl ClusterSource {
+    /// How many clusters there are; 0 for [`ClusterSource::None`].
+    pub fn count(self) -> usize {
+        match self {
+            ClusterSource::Prototypes(k) | ClusterSource::Centroids(k) => k,
+            ClusterSource::None => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,13 +189,17 @@ impl Bundle {
         })?;
         let manifest = Manifest::parse(&text, &manifest_path)?;
         let model_path = dir.join(&manifest.model_file);
-        let actual = sha256_file(&model_path)?;
-        if actual != manifest.model_sha256.to_ascii_lowercase() {
-            return Err(BundleError::Sha256Mismatch {
-                path: model_path,
-                expected: manifest.model_sha256.clone(),
-                actual,
-            });
+        check_sha256(&model_path, &manifest.model_sha256)?;
+        if let Some(data) = &manifest.model_data {
+            let path = dir.join(&data.file);
+            let bytes = fs::metadata(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?.len();
+            if bytes != data.bytes {
+                return Err(BundleError::Invalid {
+                    path,
+                    reason: format!("the manifest says {} bytes, the file has {bytes}", data.bytes),
+                });
+            }
+            check_sha256(&path, &data.sha256)?;
         }
         Ok(Bundle {
             dir: dir.to_path_buf(),
@@ -166,7 +214,38 @@ impl Bundle {
     }
 }
 
+fn check_sha256(path: &Path, expected: &str) -> Result<(), BundleError> {
+    let actual = sha256_file(path)?;
+    if actual != expected.to_ascii_lowercase() {
+        return Err(BundleError::Sha256Mismatch {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A plain file name: no directory part, so that a manifest cannot point outside its bundle.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\'])
+}
+
 impl Manifest {
+    /// The learned prototypes' count, when the model has them.
+    pub fn prototypes(&self) -> Option<usize> {
+        self.outputs.prototype_scores.as_ref().map(|o| o.dim)
+    }
+
+    /// What `/v1/clusters` groups by.
+    pub fn cluster_source(&self) -> ClusterSource {
+        match (&self.outputs.prototype_scores, &self.outputs.centroid_scores) {
+            (Some(p), _) => ClusterSource::Prototypes(p.dim),
+            (None, Some(c)) => ClusterSource::Centroids(c.dim),
+            (None, None) => ClusterSource::None,
+        }
+    }
+
     /// Parses and validates manifest text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Manifest, BundleError> {
         // Read the version first so a future schema is reported as such, not as a field error.
@@ -178,7 +257,7 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })?;
-        if version.schema_version != SCHEMA_VERSION {
+        if !SUPPORTED_SCHEMA_VERSIONS.contains(&version.schema_version) {
             return Err(BundleError::SchemaVersion {
                 path: path.to_path_buf(),
                 found: version.schema_version,
@@ -188,7 +267,7 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })?;
-        manifest.validate().map_err(|reason| BundleError::Invalid {
+        manifest.validate().and_then(|()| manifest.validate_outputs()).map_err(|reason| BundleError::Invalid {
             path: path.to_path_buf(),
             reason,
         })?;
@@ -198,10 +277,10 @@ impl Manifest {
     fn validate(&self) -> Result<(), String> {
         let input = &self.input;
         let is_hex = self.model_sha256.len() == 64 && self.model_sha256.chars().all(|c| c.is_ascii_hexdigit());
-        let checks: [(bool, String); 12] = [
+        let checks: [(bool, String); 11] = [
             (is_hex, format!("model_sha256 must be 64 hex characters, got {:?}", self.model_sha256)),
             (
-                !self.model_file.is_empty() && !self.model_file.contains(".."),
+                is_plain_file_name(&self.model_file),
                 format!("model_file {:?} must be a file name inside the bundle", self.model_file),
             ),
             (input.layout == "NCHW", format!("input.layout {:?} is not supported (only NCHW)", input.layout)),
@@ -234,20 +313,41 @@ impl Manifest {
                 input.alpha == "composite_white",
                 format!("input.alpha {:?} is not supported (only composite_white)", input.alpha),
             ),
-            (
-                self.num_prototypes == self.outputs.prototype_scores.dim
-                    && self.outputs.embedding.dim > 0
-                    && self.outputs.projection.dim > 0,
-                format!(
-                    "num_prototypes {} must equal outputs.prototype_scores.dim {} and dims must be positive",
-                    self.num_prototypes, self.outputs.prototype_scores.dim
-                ),
-            ),
         ];
         match checks.into_iter().find(|(ok, _)| !ok) {
             Some((_, reason)) => Err(reason),
             None => Ok(()),
         }
+    }
+
+    fn validate_outputs(&self) -> Result<(), String> {
+        let o = &self.outputs;
+        if self.schema_version == 1 && (o.projection.is_none() || o.prototype_scores.is_none()) {
+            return Err("schema_version 1 needs outputs.projection and outputs.prototype_scores".into());
+        }
+        let present = [Some(&o.embedding), o.projection.as_ref(), o.prototype_scores.as_ref(), o.centroid_scores.as_ref()];
+        if let Some(bad) = present.into_iter().flatten().find(|s| s.dim == 0 || s.name.is_empty()) {
+            return Err(format!("output {:?} needs a name and a positive dim", bad.name));
+        }
+        if self.num_prototypes != self.prototypes().unwrap_or(0) {
+            return Err(format!(
+                "num_prototypes {} must equal outputs.prototype_scores.dim ({}, 0 when absent)",
+                self.num_prototypes,
+                self.prototypes().unwrap_or(0)
+            ));
+        }
+        if o.prototype_scores.is_some() && (o.projection.is_none() || o.centroid_scores.is_some()) {
+            return Err("outputs.prototype_scores needs outputs.projection, and excludes outputs.centroid_scores".into());
+        }
+        if let Some(data) = &self.model_data {
+            let hex = data.sha256.len() == 64 && data.sha256.chars().all(|c| c.is_ascii_hexdigit());
+            if !is_plain_file_name(&data.file) || data.file == self.model_file || !hex {
+                return Err(format!(
+                    "model_data {data:?} needs a file name inside the bundle, other than model_file, and a 64-hex sha256"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -299,16 +399,84 @@ mod tests {
     fn accepts_valid_manifest_and_ignores_unknown_keys() {
         let m = parse(&sample()).expect("valid");
         assert_eq!(m.input.tensor_len(), 28 * 28);
-        assert_eq!(m.outputs.prototype_scores.dim, 3);
+        assert_eq!(m.prototypes(), Some(3));
     }
 
     #[test]
     fn rejects_unknown_schema_version() {
         let mut v = sample();
-        v["schema_version"] = 2.into();
+        v["schema_version"] = 3.into();
         let err = parse(&v).unwrap_err();
-        assert!(matches!(err, BundleError::SchemaVersion { found: 2, .. }), "{err}");
-        assert!(err.to_string().contains("schema_version 2"));
+        assert!(matches!(err, BundleError::SchemaVersion { found: 3, .. }), "{err}");
+        assert!(err.to_string().contains("schema_version 3"));
+    }
+
+    /// A backbone-only import: no projection, no prototypes, maybe k-means centroids.
+    fn headless(centroids: Option<usize>) -> serde_json::Value {
+        let mut v = sample();
+        v["schema_version"] = 2.into();
+        v["num_prototypes"] = 0.into();
+        v["outputs"]["projection"] = serde_json::Value::Null;
+        v["outputs"].as_object_mut().expect("outputs").remove("prototype_scores");
+        if let Some(k) = centroids {
+            v["outputs"]["centroid_scores"] = serde_json::json!({"name": "centroid_scores", "dim": k});
+        }
+        v
+    }
+
+    #[test]
+    fn version_2_may_lack_the_head_and_names_its_cluster_source() {
+        assert_eq!(parse(&sample()).expect("v1").cluster_source(), ClusterSource::Prototypes(3));
+        let m = parse(&headless(None)).expect("no head");
+        assert_eq!((m.prototypes(), m.cluster_source()), (None, ClusterSource::None));
+        let m = parse(&headless(Some(5))).expect("centroids");
+        assert_eq!(m.cluster_source(), ClusterSource::Centroids(5));
+        assert_eq!(m.cluster_source().count(), 5);
+    }
+
+    #[test]
+    fn version_1_needs_every_output_and_prototypes_must_agree() {
+        let mut v = headless(None);
+        v["schema_version"] = 1.into();
+        assert!(parse(&v).unwrap_err().to_string().contains("schema_version 1 needs"));
+        let mut v = headless(None);
+        v["num_prototypes"] = 3.into();
+        assert!(parse(&v).unwrap_err().to_string().contains("num_prototypes 3"));
+    }
+
+    #[test]
+    fn load_checks_the_data_file_size_and_sha256() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("model.onnx"), b"graph").expect("write");
+        std::fs::write(dir.path().join("model.onnx.data"), b"weights").expect("write");
+        let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
+        let write = |data_sha: String, bytes: u64| {
+            let mut v = headless(None);
+            v["model_sha256"] = sha(b"graph").into();
+            v["model_data"] = serde_json::json!({"file": "model.onnx.data", "sha256": data_sha, "bytes": bytes});
+            std::fs::write(dir.path().join("manifest.json"), v.to_string()).expect("write");
+        };
+        write(sha(b"weights"), 7);
+        assert!(Bundle::load(dir.path()).expect("loads").manifest.model_data.is_some());
+        write(sha(b"other"), 7);
+        assert!(matches!(Bundle::load(dir.path()), Err(BundleError::Sha256Mismatch { .. })));
+        write(sha(b"weights"), 8);
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("the manifest says 8 bytes, the file has 7"), "{err}");
+        std::fs::remove_file(dir.path().join("model.onnx.data")).expect("rm");
+        assert!(matches!(Bundle::load(dir.path()), Err(BundleError::Io { .. })));
+    }
+
+    #[test]
+    fn model_data_must_stay_inside_the_bundle() {
+        let data = |file: &str| serde_json::json!({"file": file, "sha256": "a".repeat(64), "bytes": 10});
+        let mut v = headless(None);
+        v["model_data"] = data("model.onnx.data");
+        assert_eq!(parse(&v).expect("valid").model_data.expect("data").bytes, 10);
+        for bad in ["../x.data", "/etc/passwd", "model.onnx", ""] {
+            v["model_data"] = data(bad);
+            assert!(parse(&v).unwrap_err().to_string().contains("model_data"), "{bad}");
+        }
     }
 
     #[test]

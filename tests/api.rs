@@ -92,7 +92,7 @@ async fn every_input_form_gives_the_same_answers_in_order() {
 
     let (status, body) = embed_raw(&srv, images[0].clone(), "?output=projection").await;
     assert_eq!(status, 200);
-    assert_eq!(body["dim"], srv.state.model.manifest.outputs.projection.dim);
+    assert_eq!(body["dim"], srv.state.model.manifest.outputs.projection.as_ref().expect("projection").dim);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

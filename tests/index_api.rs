@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use common::{InProcess, ServerConfig, call};
 use reqwest::multipart::{Form, Part};
@@ -372,4 +374,73 @@ async fn with_thumbnails_off_items_have_none() {
     let (status, body) = call(req, "/v1/items/{id}/thumbnail", "get").await;
     assert_eq!((status, code(&body)), (404, "thumbnail_not_found"));
     assert!(srv.state.index.as_ref().unwrap().index.thumbnail("a").is_none());
+}
+
+/// A bundle imported from a backbone-only checkpoint: no projection and no prototypes, and with
+/// `--cluster-images` k-means centroids in their place.
+fn headless_bundle(centroids: Option<usize>) -> swav::bundle::Bundle {
+    let mut bundle = common::gray_bundle();
+    let m = &mut bundle.manifest;
+    m.schema_version = swav::bundle::SCHEMA_VERSION;
+    m.num_prototypes = 0;
+    m.outputs.projection = None;
+    m.outputs.prototype_scores = None;
+    m.outputs.centroid_scores = centroids.map(|dim| swav::bundle::OutputSpec { name: "centroid_scores".into(), dim });
+    bundle
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_prototypes_refuses_assign_and_clusters_only_by_centroids() {
+    for centroids in [None, Some(4)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = headless_bundle(centroids);
+        let index = common::open_index(dir.path(), &bundle);
+        let runner = common::FakeRunner::new(&bundle, Duration::ZERO);
+        let srv = common::start_in_process(&bundle, runner, ServerConfig { index: Some(index), ..ServerConfig::default() }).await;
+        let post = |route: &str| client().post(format!("{}{route}", srv.base)).header("content-type", "image/png").body(image(1));
+
+        let (status, body) = call(post("/v1/assign"), "/v1/assign", "post").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_prototypes")), "{body}");
+        assert!(body["error"]["message"].as_str().expect("message").contains("backbone-only"), "{body}");
+        let (status, body) = call(post("/v1/embed?output=projection"), "/v1/embed", "post").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_projection")), "{body}");
+        let (status, body) = call(post("/v1/embed"), "/v1/embed", "post").await;
+        assert_eq!((status, body["dim"].as_u64()), (200, Some(bundle.manifest.outputs.embedding.dim as u64)), "{body}");
+
+        let (status, _) = add_json(&srv, json!([{"id": "a", "image": b64(&image(1))}])).await;
+        assert_eq!(status, 200);
+        let (status, body) = search_json(&srv, "?k=1", json!({"id": "a"})).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = call(post("/v1/search?k=1"), "/v1/search", "post").await;
+        assert_eq!((status, body["results"][0][0]["id"].as_str()), (200, Some("a")), "{body}");
+
+        let (status, model) = call(client().get(format!("{}/v1/model", srv.base)), "/v1/model", "get").await;
+        assert_eq!(status, 200);
+        assert!(model["outputs"]["prototype_scores"].is_null() && model["num_prototypes"] == 0, "{model}");
+        let (status, body) = call(client().get(format!("{}/v1/clusters", srv.base)), "/v1/clusters", "get").await;
+        let (items_status, items) =
+            call(client().get(format!("{}/v1/clusters/0/items", srv.base)), "/v1/clusters/{id}/items", "get").await;
+        match centroids {
+            None => {
+                assert_eq!(model["clusters"], "none");
+                assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_clusters")), "{body}");
+                assert!(body["error"]["message"].as_str().expect("message").contains("--cluster-images"), "{body}");
+                assert_eq!((items_status, items["error"]["code"].as_str()), (409, Some("no_clusters")), "{items}");
+                let (status, body) = search_json(&srv, "?k=1&cluster=0", json!({"id": "a"})).await;
+                assert_eq!((status, body["error"]["code"].as_str()), (409, Some("no_clusters")), "{body}");
+            }
+            Some(k) => {
+                assert_eq!(model["clusters"], "centroids");
+                assert_eq!(status, 200, "{body}");
+                let clusters = body["clusters"].as_array().expect("clusters");
+                assert_eq!(clusters.len(), 1, "{body}");
+                assert!(clusters[0]["id"].as_u64().expect("id") < k as u64, "{body}");
+                assert_eq!(items_status, 200, "{items}");
+                let (status, body) =
+                    call(client().get(format!("{}/v1/clusters/{k}/items", srv.base)), "/v1/clusters/{id}/items", "get").await;
+                assert_eq!(status, 404, "{body}");
+                assert!(body["error"]["message"].as_str().expect("message").contains("k-means centroids"), "{body}");
+            }
+        }
+    }
 }

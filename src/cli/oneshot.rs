@@ -45,12 +45,18 @@ pub struct AssignArgs {
 
 pub fn embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
     let kind = OutputKind::parse(Some(&args.output)).map_err(anyhow::Error::msg)?;
+    if kind == OutputKind::Projection && args.model.load_bundle()?.manifest.outputs.projection.is_none() {
+        anyhow::bail!("this model has no projection head (a backbone-only import); use --output embedding");
+    }
     let (bundle, outputs) = infer_files(&args.model, &args.files)?;
     print_json(&responses::embed_response(&bundle.manifest, kind, &outputs))
 }
 
 pub fn assign(args: AssignArgs) -> anyhow::Result<ExitCode> {
     let bundle = args.model.load_bundle()?;
+    if bundle.manifest.prototypes().is_none() {
+        anyhow::bail!("this model has no prototypes (a backbone-only import), so images cannot be assigned to them");
+    }
     let options = AssignOptions::new(args.top_k, args.temperature, bundle.manifest.num_prototypes)
         .map_err(anyhow::Error::msg)?;
     let (bundle, outputs) = infer_files(&args.model, &args.files)?;

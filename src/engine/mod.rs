@@ -153,24 +153,28 @@ pub fn default_intra_threads(workers: usize) -> usize {
     (cores / workers.max(1)).max(1)
 }
 
-/// All three outputs for a batch, row-major.
-#[derive(Debug, Clone, PartialEq)]
+/// The model's outputs for a batch, row-major. An output the model lacks (see the manifest) has
+/// dimension 0 and no values.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ModelOutputs {
     pub n: usize,
     pub embedding_dim: usize,
     pub projection_dim: usize,
     pub num_prototypes: usize,
+    pub num_centroids: usize,
     pub embedding: Vec<f32>,
     pub projection: Vec<f32>,
     pub prototype_scores: Vec<f32>,
+    pub centroid_scores: Vec<f32>,
 }
 
-/// The three outputs for one image.
-#[derive(Debug, Clone, PartialEq)]
+/// The outputs for one image; empty where the model lacks one.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ImageOutput {
     pub embedding: Vec<f32>,
     pub projection: Vec<f32>,
     pub prototype_scores: Vec<f32>,
+    pub centroid_scores: Vec<f32>,
 }
 
 impl ModelOutputs {
@@ -180,6 +184,7 @@ impl ModelOutputs {
             embedding: row(&self.embedding, self.embedding_dim),
             projection: row(&self.projection, self.projection_dim),
             prototype_scores: row(&self.prototype_scores, self.num_prototypes),
+            centroid_scores: row(&self.centroid_scores, self.num_centroids),
         }
     }
 
@@ -190,8 +195,17 @@ impl ModelOutputs {
 
 struct OutputNames {
     embedding: (String, usize),
-    projection: (String, usize),
-    prototype_scores: (String, usize),
+    projection: Option<(String, usize)>,
+    prototype_scores: Option<(String, usize)>,
+    centroid_scores: Option<(String, usize)>,
+}
+
+impl OutputNames {
+    fn present(&self) -> impl Iterator<Item = &(String, usize)> {
+        [Some(&self.embedding), self.projection.as_ref(), self.prototype_scores.as_ref(), self.centroid_scores.as_ref()]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// One worker's sessions: the model as it is, and the packed rewrite when it is used.
@@ -230,10 +244,14 @@ impl Engine {
             provider,
             input_name: m.input.name.clone(),
             input_shape: [m.input.channels as usize, m.input.height as usize, m.input.width as usize],
-            outputs: OutputNames {
-                embedding: (m.outputs.embedding.name.clone(), m.outputs.embedding.dim),
-                projection: (m.outputs.projection.name.clone(), m.outputs.projection.dim),
-                prototype_scores: (m.outputs.prototype_scores.name.clone(), m.outputs.prototype_scores.dim),
+            outputs: {
+                let spec = |o: &crate::bundle::OutputSpec| (o.name.clone(), o.dim);
+                OutputNames {
+                    embedding: spec(&m.outputs.embedding),
+                    projection: m.outputs.projection.as_ref().map(spec),
+                    prototype_scores: m.outputs.prototype_scores.as_ref().map(spec),
+                    centroid_scores: m.outputs.centroid_scores.as_ref().map(spec),
+                }
             },
         };
         engine.check_signature()?;
@@ -297,6 +315,7 @@ impl Engine {
             ("embedding", &want.embedding, &got.embedding),
             ("projection", &want.projection, &got.projection),
             ("prototype_scores", &want.prototype_scores, &got.prototype_scores),
+            ("centroid_scores", &want.centroid_scores, &got.centroid_scores),
         ] {
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
             // A NaN anywhere must fail the check, so no `f32::max`, which drops NaNs.
@@ -334,7 +353,7 @@ impl Engine {
         if !has_input {
             return Err(EngineError::Model(format!("the graph has no input named {:?}", self.input_name)));
         }
-        for (name, _) in [&self.outputs.embedding, &self.outputs.projection, &self.outputs.prototype_scores] {
+        for (name, _) in self.outputs.present() {
             if !session.outputs().iter().any(|o| o.name() == name) {
                 return Err(EngineError::Model(format!("the graph has no output named {name:?}")));
             }
@@ -393,7 +412,10 @@ impl Engine {
         let outputs = session
             .run(ort::inputs![self.input_name.as_str() => input])
             .map_err(run_err)?;
-        let extract = |(name, dim): &(String, usize)| -> Result<Vec<f32>, EngineError> {
+        let extract = |output: Option<&(String, usize)>| -> Result<Vec<f32>, EngineError> {
+            let Some((name, dim)) = output else {
+                return Ok(Vec::new());
+            };
             let value = outputs
                 .get(name.as_str())
                 .ok_or_else(|| EngineError::Model(format!("output {name:?} missing")))?;
@@ -407,14 +429,18 @@ impl Engine {
             }
             Ok(data.to_vec())
         };
+        let dim = |o: &Option<(String, usize)>| o.as_ref().map_or(0, |(_, d)| *d);
+        let o = &self.outputs;
         Ok(ModelOutputs {
             n,
-            embedding_dim: self.outputs.embedding.1,
-            projection_dim: self.outputs.projection.1,
-            num_prototypes: self.outputs.prototype_scores.1,
-            embedding: extract(&self.outputs.embedding)?,
-            projection: extract(&self.outputs.projection)?,
-            prototype_scores: extract(&self.outputs.prototype_scores)?,
+            embedding_dim: o.embedding.1,
+            projection_dim: dim(&o.projection),
+            num_prototypes: dim(&o.prototype_scores),
+            num_centroids: dim(&o.centroid_scores),
+            embedding: extract(Some(&o.embedding))?,
+            projection: extract(o.projection.as_ref())?,
+            prototype_scores: extract(o.prototype_scores.as_ref())?,
+            centroid_scores: extract(o.centroid_scores.as_ref())?,
         })
     }
 }
@@ -509,10 +535,12 @@ mod tests {
             embedding: vec![1.0, 2.0, 3.0, 4.0],
             projection: vec![5.0, 6.0],
             prototype_scores: vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            ..ModelOutputs::default()
         };
         let imgs = out.into_images();
         assert_eq!(imgs[1].embedding, vec![3.0, 4.0]);
         assert_eq!(imgs[1].projection, vec![6.0]);
         assert_eq!(imgs[0].prototype_scores, vec![0.1, 0.2, 0.3]);
+        assert!(imgs[0].centroid_scores.is_empty(), "an output the model lacks stays empty");
     }
 }

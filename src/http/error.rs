@@ -60,6 +60,37 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }
 
+    /// The model has no learned prototypes (a backbone-only import), so nothing can be assigned.
+    pub fn no_prototypes() -> ApiError {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_prototypes",
+            "this model has no prototypes (it was imported from a backbone-only checkpoint), so images cannot be \
+             assigned to them; /v1/embed and /v1/search work, and /v1/clusters when the bundle was imported \
+             with --cluster-images",
+        )
+    }
+
+    /// The model has no projection head (a backbone-only import).
+    pub fn no_projection() -> ApiError {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_projection",
+            "this model has no projection head (it was imported from a backbone-only checkpoint); \
+             use output=embedding",
+        )
+    }
+
+    /// The model has neither prototypes nor k-means centroids, so the index's items are not clustered.
+    pub fn no_clusters() -> ApiError {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_clusters",
+            "this model has neither prototypes nor k-means centroids, so items are not clustered; import the \
+             checkpoint again with `swav import --cluster-images DIR --clusters K` to cluster them",
+        )
+    }
+
     /// A preprocessing failure for image number `index` of the request.
     pub fn from_preprocess(index: usize, err: &PreprocessError) -> ApiError {
         let status = match err.class() {

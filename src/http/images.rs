@@ -39,6 +39,9 @@ pub async fn embed(
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let q = query(q)?;
     let kind = OutputKind::parse(q.output.as_deref()).map_err(ApiError::invalid_params)?;
+    if kind == OutputKind::Projection && state.model.manifest.outputs.projection.is_none() {
+        return Err(ApiError::no_projection());
+    }
     let outputs = infer_request(&state, req).await?;
     Ok(Json(responses::embed_response(&state.model.manifest, kind, &outputs)))
 }
@@ -49,6 +52,9 @@ pub async fn assign(
     req: Request,
 ) -> Result<Json<AssignResponse>, ApiError> {
     let q = query(q)?;
+    if state.model.manifest.prototypes().is_none() {
+        return Err(ApiError::no_prototypes());
+    }
     let options = AssignOptions::new(q.top_k, q.temperature, state.model.manifest.num_prototypes)
         .map_err(ApiError::invalid_params)?;
     let outputs = infer_request(&state, req).await?;

@@ -18,6 +18,7 @@ use super::AppState;
 use super::error::ApiError;
 use super::images::{infer_images, infer_images_with_thumbnails};
 use super::input::{decode_base64, next_part, open_multipart, part_bytes, read_images};
+use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
 use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, NewItem};
 use crate::metrics::Metrics;
@@ -176,9 +177,11 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
     Ok(Json(AddResponse { added: report.added, ids }))
 }
 
-/// The prototype with the highest score: the item's cluster.
+/// The item's cluster: the prototype with the highest score, or for a model without prototypes
+/// the nearest k-means centroid, or 0 when it has neither (see [`crate::bundle::ClusterSource`]).
 pub fn cluster_of(out: &ImageOutput) -> u32 {
-    out.prototype_scores
+    let scores = if out.prototype_scores.is_empty() { &out.centroid_scores } else { &out.prototype_scores };
+    scores
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
@@ -318,6 +321,9 @@ pub async fn search(
     if let Some(ef) = q.ef.filter(|ef| !(1..=MAX_EF).contains(ef)) {
         return Err(ApiError::invalid_params(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
     }
+    if q.cluster.is_some() {
+        clustered(&state)?;
+    }
     let queries = read_queries(&state, req).await?;
     let (ef, cluster) = (q.ef, q.cluster);
     let results = blocking(move || -> Result<Vec<Vec<Hit>>, ApiError> {
@@ -386,7 +392,17 @@ pub struct ClustersResponse {
 }
 
 pub async fn clusters(State(state): State<AppState>) -> Result<Json<ClustersResponse>, ApiError> {
-    Ok(Json(ClustersResponse { clusters: handle(&state)?.index.clusters() }))
+    let h = handle(&state)?;
+    clustered(&state)?;
+    Ok(Json(ClustersResponse { clusters: h.index.clusters() }))
+}
+
+/// The number of clusters; an error when the model has neither prototypes nor centroids.
+fn clustered(state: &AppState) -> Result<usize, ApiError> {
+    match state.model.manifest.cluster_source() {
+        ClusterSource::None => Err(ApiError::no_clusters()),
+        source => Ok(source.count()),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,12 +420,16 @@ pub async fn cluster_items(
     let h = handle(&state)?;
     let cluster = path(id)?;
     let q = query(q)?;
-    let k = state.model.manifest.num_prototypes;
+    let k = clustered(&state)?;
     if cluster as usize >= k {
+        let what = match state.model.manifest.cluster_source() {
+            ClusterSource::Centroids(_) => "k-means centroids",
+            _ => "prototypes",
+        };
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "cluster_not_found",
-            format!("no cluster {cluster}: the model has {k} prototypes (0 to {})", k.saturating_sub(1)),
+            format!("no cluster {cluster}: the model has {k} {what} (0 to {})", k.saturating_sub(1)),
         ));
     }
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::bundle::{InputSpec, Outputs};
+use crate::bundle::{ClusterSource, InputSpec, Outputs};
 
 #[derive(Serialize)]
 pub struct Status {
@@ -50,6 +50,8 @@ pub struct ModelResponse {
     input: InputSpec,
     outputs: Outputs,
     num_prototypes: usize,
+    /// What /v1/clusters groups by: "prototypes", "centroids" (k-means at import) or "none".
+    clusters: &'static str,
     dataset: serde_json::Value,
     evaluation: Option<serde_json::Value>,
     execution_provider: String,
@@ -89,6 +91,11 @@ pub async fn model(State(state): State<AppState>) -> Json<ModelResponse> {
         input: m.input.clone(),
         outputs: m.outputs.clone(),
         num_prototypes: m.num_prototypes,
+        clusters: match m.cluster_source() {
+            ClusterSource::Prototypes(_) => "prototypes",
+            ClusterSource::Centroids(_) => "centroids",
+            ClusterSource::None => "none",
+        },
         dataset: m.dataset.clone(),
         evaluation: m.evaluation.clone(),
         execution_provider: state.model.provider.clone(),

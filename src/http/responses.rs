@@ -82,7 +82,7 @@ pub struct ClusterProbability {
 pub fn embed_response(manifest: &Manifest, kind: OutputKind, outputs: &[ImageOutput]) -> EmbedResponse {
     let dim = match kind {
         OutputKind::Embedding => manifest.outputs.embedding.dim,
-        OutputKind::Projection => manifest.outputs.projection.dim,
+        OutputKind::Projection => manifest.outputs.projection.as_ref().map_or(0, |o| o.dim),
     };
     let embeddings = outputs
         .iter()

@@ -333,7 +333,7 @@ pub fn read_fixture(name: &str) -> Vec<u8> {
 /// A stand-in for the engine: slow on demand, counts images, echoes the tensor's mean.
 pub struct FakeRunner {
     pub tensor_len: usize,
-    pub dims: (usize, usize, usize),
+    pub dims: (usize, usize, usize, usize),
     pub delay: Duration,
     pub images_run: std::sync::atomic::AtomicUsize,
 }
@@ -343,7 +343,12 @@ impl FakeRunner {
         let o = &bundle.manifest.outputs;
         Arc::new(FakeRunner {
             tensor_len: bundle.manifest.input.tensor_len(),
-            dims: (o.embedding.dim, o.projection.dim, o.prototype_scores.dim),
+            dims: (
+                o.embedding.dim,
+                o.projection.as_ref().map_or(0, |p| p.dim),
+                bundle.manifest.num_prototypes,
+                o.centroid_scores.as_ref().map_or(0, |c| c.dim),
+            ),
             delay,
             images_run: Default::default(),
         })
@@ -357,7 +362,7 @@ impl BatchRunner for FakeRunner {
     fn run_batch(&self, batch: &[f32], n: usize) -> Result<swav::engine::ModelOutputs, swav::engine::EngineError> {
         std::thread::sleep(self.delay);
         self.images_run.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-        let (e, p, k) = self.dims;
+        let (e, p, k, c) = self.dims;
         let means: Vec<f32> = batch.chunks(self.tensor_len).map(|t| t.iter().sum::<f32>() / t.len() as f32).collect();
         let fill = |d: usize| means.iter().flat_map(|m| std::iter::repeat_n(*m + 0.01, d)).collect::<Vec<f32>>();
         Ok(swav::engine::ModelOutputs {
@@ -367,7 +372,9 @@ impl BatchRunner for FakeRunner {
             num_prototypes: k,
             embedding: fill(e),
             projection: fill(p),
+            num_centroids: c,
             prototype_scores: fill(k),
+            centroid_scores: fill(c),
         })
     }
 }

@@ -36,7 +36,7 @@ def test_train_export_parity_manifest(tmp_path, fashion_mnist_dir):
     bundle = run / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     onnx_bytes = (bundle / "model.onnx").read_bytes()
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["model_file"] == "model.onnx"
     assert manifest["model_sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
     assert len(manifest["model_sha256"]) == 64
@@ -115,4 +115,4 @@ def test_torchrun_two_processes_train_and_export(tmp_path):
     # 32 images / (4 per rank x 2 ranks) = 4 steps per epoch
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(l["step"] for l in lines) == 3
-    assert json.loads((run / "bundle" / "manifest.json").read_text())["schema_version"] == 1
+    assert json.loads((run / "bundle" / "manifest.json").read_text())["schema_version"] == 2

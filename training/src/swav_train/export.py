@@ -17,10 +17,16 @@ from swav_train.config import TrainConfig
 from swav_train.evaluate import spec_of
 from swav_train.model import InferenceModel, SwAVModel
 
-SCHEMA_VERSION = 1
+# 2: `projection` and `prototype_scores` may be null, `centroid_scores` and `model_data` were added.
+SCHEMA_VERSION = 2
+GOLDEN_SCHEMA_VERSION = 1
 OPSET = 18
 OUTPUT_NAMES = ("embedding", "projection", "prototype_scores")
 PARITY_TOLERANCE = 1e-4
+FP16_MIN_COSINE = 0.999
+# Float tensors with fewer elements stay float32 under --fp16 (mean, std): nothing to gain.
+FP16_MIN_ELEMENTS = 64
+DATA_FILE_SUFFIX = ".data"
 
 
 class ExportError(RuntimeError):
@@ -35,24 +41,31 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(wrapper: InferenceModel, channels: int, size: int, path: Path) -> None:
+def export_onnx(wrapper: torch.nn.Module, channels: int, size: int, path: Path,
+                output_names: tuple[str, ...] = OUTPUT_NAMES, external_data: bool = False) -> None:
+    """`external_data` writes the weights to PATH.data, which models over protobuf's 2 GB limit need."""
     wrapper.eval()
     example = torch.rand(2, channels, size, size)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, (example,), input_names=["images"], output_names=list(OUTPUT_NAMES), opset_version=OPSET,
-            dynamo=True, external_data=False, dynamic_shapes={"images": {0: batch}}, verbose=False)
-    program.save(str(path), external_data=False)
+            wrapper, (example,), input_names=["images"], output_names=list(output_names), opset_version=OPSET,
+            dynamo=True, external_data=external_data, dynamic_shapes={"images": {0: batch}}, verbose=False)
+    program.save(str(path), external_data=external_data)
 
 
-def parity_check(wrapper: InferenceModel, model_path: Path, batch: np.ndarray) -> float:
-    """Max abs difference between onnxruntime and PyTorch over all outputs; raises above tolerance."""
+def run_onnx(model_path: Path, batch: np.ndarray, output_names: tuple[str, ...]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    got = session.run(list(OUTPUT_NAMES), {"images": batch})
+    return session.run(list(output_names), {"images": batch})
+
+
+def parity_check(wrapper: torch.nn.Module, model_path: Path, batch: np.ndarray,
+                 output_names: tuple[str, ...] = OUTPUT_NAMES) -> float:
+    """Max abs difference between onnxruntime and PyTorch over all outputs; raises above tolerance."""
+    got = run_onnx(model_path, batch, output_names)
     with torch.no_grad():
         want = [t.numpy() for t in wrapper(torch.from_numpy(batch))]
     diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
@@ -60,6 +73,62 @@ def parity_check(wrapper: InferenceModel, model_path: Path, batch: np.ndarray) -
         raise ExportError(f"onnxruntime disagrees with PyTorch on {model_path}: max abs diff {diff:.3g} "
                           f"> {PARITY_TOLERANCE}")
     return diff
+
+
+def min_row_cosine(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """The smallest cosine between matching rows of matching outputs."""
+    worst = 1.0
+    for g, w in zip(got, want):
+        g, w = g.astype(np.float64), w.astype(np.float64)
+        norms = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
+        cos = np.sum(g * w, axis=1) / np.maximum(norms, 1e-30)
+        worst = min(worst, float(np.min(cos)) if np.all(np.isfinite(cos)) else float("nan"))
+    return worst
+
+
+def weights_to_fp16(model) -> int:
+    """Stores every float32 initializer of at least FP16_MIN_ELEMENTS values as float16, followed by a
+    Cast back to float32: the file halves, the graph still computes in float32 (onnxruntime's CPU
+    kernels are float32) and takes and returns float32. Returns the number of tensors converted."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    casts, kept = [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
+        kept.append(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                           name=init.name + "__to_fp32"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return len(casts)
+
+
+def initializer_bytes(model) -> int:
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def save_onnx(model, path: Path, external: bool) -> Path | None:
+    """Writes `model` to `path`; with `external`, its weights go to PATH.data (returned)."""
+    import onnx
+
+    data = path.with_name(path.name + DATA_FILE_SUFFIX)
+    data.unlink(missing_ok=True)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return data
+    onnx.save_model(model, str(path))
+    return None
 
 
 def write_golden(wrapper: InferenceModel, spec: preprocess.InputSpec, files: list[Path], golden_dir: Path) -> dict:
@@ -81,7 +150,7 @@ def write_golden(wrapper: InferenceModel, spec: preprocess.InputSpec, files: lis
                       "needs_resize": preprocess.needs_resize(preprocess.to_channels(decoded, spec.channels), spec),
                       "tensor": tensor.reshape(-1).tolist(), "embedding": emb, "projection": proj,
                       "prototype_scores": scores})
-    doc = {"schema_version": SCHEMA_VERSION, "cases": cases}
+    doc = {"schema_version": GOLDEN_SCHEMA_VERSION, "cases": cases}
     (golden_dir / "golden.json").write_text(json.dumps(doc) + "\n")
     return doc
 
@@ -128,6 +197,7 @@ def export_bundle(model: SwAVModel, cfg: TrainConfig, out_dir: str | Path, *, da
         "evaluation": evaluation,
         "parity": {"onnxruntime_version": ort.__version__, "max_abs_diff": diff},
         "golden": golden,
+        "model_data": None,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
