@@ -4,6 +4,7 @@
 //! [`run`]. Every flag has a `SWAV_…` environment variable fallback.
 
 mod dataset;
+mod import;
 mod index;
 mod logging;
 mod model;
@@ -56,6 +57,8 @@ pub enum Command {
     Dataset(dataset::DatasetArgs),
     /// Train a model with the Python trainer (arguments after the launcher's own go to `swav_train train`).
     Train(train::TrainArgs),
+    /// Turn a released SwAV checkpoint (the paper's ImageNet models) into a bundle, with the Python importer.
+    Import(import::ImportArgs),
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -66,6 +69,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Index(args) => index::run(args),
         Command::Dataset(args) => dataset::run(args),
         Command::Train(args) => train::run(args),
+        Command::Import(args) => import::run(args),
     }
 }
 

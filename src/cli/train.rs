@@ -68,7 +68,7 @@ impl TrainArgs {
     }
 }
 
-fn find_python(explicit: Option<&Path>) -> PathBuf {
+pub(super) fn find_python(explicit: Option<&Path>) -> PathBuf {
     if let Some(p) = explicit {
         return p.to_path_buf();
     }
@@ -82,7 +82,7 @@ fn find_python(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-fn check_trainer(python: &Path) -> anyhow::Result<()> {
+pub(super) fn check_trainer(python: &Path) -> anyhow::Result<()> {
     let status = Command::new(python)
         .args(["-c", "import swav_train"])
         .stdout(std::process::Stdio::null())
@@ -108,7 +108,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The child's exit code; 128 + signal when it was killed, as shells report it.
-fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+pub(super) fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
     ExitCode::from(u8::try_from(code).unwrap_or(1))

@@ -88,14 +88,17 @@ def test_readme_commands_exist(swav_bin):
     assert not missing, f"README.md shows flags that swav does not have: {missing}"
 
 
-def test_readme_trainer_arguments_exist():
-    trainer_flags = {f for c in readme_commands() for f in invocation(list(c))[2] if f.startswith("--")}
-    assert {"--preset", "--data-dir", "--out"} <= trainer_flags
-    result = subprocess.run([sys.executable, "-m", "swav_train", "train", "--help"], capture_output=True,
+@pytest.mark.parametrize("command", ["train", "import"])
+def test_readme_trainer_arguments_exist(command):
+    """What README.md passes after `swav train --` or `swav import --` exists in the Python command's --help."""
+    flags = {f for c in readme_commands() if invocation(list(c))[0] == [command]
+             for f in invocation(list(c))[2] if f.startswith("--")}
+    assert {"--out"} <= flags and (command != "train" or {"--preset", "--data-dir"} <= flags)
+    result = subprocess.run([sys.executable, "-m", "swav_train", command, "--help"], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, f"python -m swav_train train --help failed:\n{result.stderr}"
-    missing = sorted(f for f in trainer_flags if f not in result.stdout)
-    assert not missing, f"README.md passes the trainer flags it does not have: {missing}"
+    assert result.returncode == 0, f"python -m swav_train {command} --help failed:\n{result.stderr}"
+    missing = sorted(f for f in flags if not re.search(rf"(^|\s){f}\b", result.stdout, re.M))
+    assert not missing, f"README.md passes `swav {command} --` flags it does not have: {missing}"
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m swav_train",
         description="Train a SwAV image embedding model (Caron et al. 2020) and export a swav model bundle.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,export,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,export,eval,import}")
 
     t = sub.add_parser("train", help="train a model and write RUN_DIR/bundle",
                        description="Train SwAV on an image folder or Fashion-MNIST; at the end evaluate on "
@@ -147,6 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not store the results in the bundle's manifest.json (for a checkpoint: "
                         "RUN_DIR/bundle/manifest.json, when present)")
     add_eval_set_flags(v)
+
+    i = sub.add_parser("import", help="write a bundle from a released SwAV checkpoint (the paper's models)",
+                       description="Read CHECKPOINT (the official SwAV releases: flat 'module.' state_dicts, "
+                                   "training checkpoints with state_dict/epoch/optimizer, ResNet-50 and the "
+                                   "wide w2/w4/w5 variants; or a backbone-only torchvision ResNet-50 such as the "
+                                   "torch.hub 'resnet50' entry) with torch.load(weights_only=True), map every key "
+                                   "strictly, and write BUNDLE_DIR. Preprocessing: the official evaluation "
+                                   "transform (Resize 256, CenterCrop 224, mean 0.485 0.456 0.406, std 0.228 "
+                                   "0.224 0.225). onnxruntime is checked against PyTorch (max abs diff <= 1e-4).",
+                       epilog="example: python -m swav_train import swav_800ep_pretrain.pth.tar --out models/swav-rn50")
+    i.add_argument("checkpoint", metavar="CHECKPOINT", help="the .pth.tar / .pth file")
+    i.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
+    i.add_argument("--name", default=None, help="bundle name (default: swav-<arch>)")
+    i.add_argument("--arch", choices=["resnet50", "resnet50w2", "resnet50w4", "resnet50w5"], default=None,
+                   help="fail unless the file holds this architecture (default: take the width from the file)")
+    i.add_argument("--fp16", action="store_true",
+                   help="store the weights as float16 (half the file; checked against float32, cosine >= 0.999)")
+    i.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
+                   help="keep the weights in BUNDLE_DIR/model.onnx.data: auto does so past 1 GiB of weights")
+    i.add_argument("--cluster-images", metavar="DIR", default=None,
+                   help="for a file without prototypes: images whose embeddings k-means groups into --clusters "
+                        "centroids, which /v1/clusters then uses")
+    i.add_argument("--clusters", type=int, default=0, metavar="K", help="number of k-means centroids")
+    i.add_argument("--resize", type=int, default=256, help="shorter side after resizing (default 256)")
+    i.add_argument("--crop", type=int, default=224, help="centre crop size, the model's input (default 224)")
     return parser
 
 
@@ -213,6 +238,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from swav_train.importers import ImportOptions, import_checkpoint
+
+    widen = {"resnet50": 1, "resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}.get(args.arch)
+    options = ImportOptions(name=args.name, widen=widen, fp16=args.fp16, external_data=args.external_data,
+                            cluster_images=args.cluster_images, clusters=args.clusters, resize=args.resize,
+                            crop=args.crop)
+    manifest = import_checkpoint(args.checkpoint, args.out, options)
+    extra = f" + {manifest['model_data']['file']}" if manifest["model_data"] else ""
+    print(f"bundle written to {args.out} (model.onnx{extra}, manifest.json)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Our own messages at INFO; the ONNX exporter's chatter only from WARNING up.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -220,13 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from swav_train.data import DataError
     from swav_train.export import ExportError
+    from swav_train.importers import CheckpointError
     from swav_train.train import NonFiniteLossError
 
     try:
-        return {"train": cmd_train, "export": cmd_export, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "import": cmd_import}
+        return commands[args.command](args)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, ExportError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,12 +22,15 @@ class ResNetTrunk(nn.Module):
     input channels and stem. At width 64 with the ImageNet stem its layers and
     parameter shapes are exactly torchvision's. Never pretrained."""
 
-    def __init__(self, arch: str, width: int = 64, in_channels: int = 3, small_stem: bool = False):
+    def __init__(self, arch: str, width: int = 64, in_channels: int = 3, small_stem: bool = False,
+                 base_width: int = 64):
         super().__init__()
         if arch not in _RESNETS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_RESNETS)}")
         block, layers = _RESNETS[arch]
         self.inplanes = width
+        # torchvision's `width_per_group`: a bottleneck's inner width is planes * base_width / 64.
+        self.base_width = base_width
         if small_stem:
             # Inputs <= 64 px would shrink to nothing under a stride-4 stem.
             self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -55,9 +58,10 @@ class ResNetTrunk(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
                                        nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        kw = {"base_width": self.base_width} if block is Bottleneck else {}
+        layers = [block(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, **kw) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
