@@ -239,13 +239,16 @@ async function searchByImage(file) {
   $('query-caption').textContent = file.name || 'pasted image';
   $('query').hidden = false;
   const body = { method: 'POST', body: file, headers: { 'Content-Type': file.type || 'application/octet-stream' } };
+  // A model imported without prototypes answers /v1/assign with 409 no_prototypes: do not ask.
+  const hasPrototypes = state.model.clusters === 'prototypes';
   try {
     const [assigned, found] = await Promise.all([
-      apiJson('/v1/assign?top_k=5', body),
+      hasPrototypes ? apiJson('/v1/assign?top_k=5', body) : Promise.resolve(null),
       apiJson('/v1/search?' + searchParams(), body),
     ]);
     if (seq !== state.searchSeq) return;
-    showPrototypes(assigned.assignments[0]);
+    if (assigned) showPrototypes(assigned.assignments[0]);
+    else $('prototypes').hidden = true;
     showResults(found.results[0]);
     setStatus('');
   } catch (err) {
@@ -379,6 +382,13 @@ async function deleteItem() {
 
 // ------------------------------------------------------------------ start
 
+/** Clusters of the index: the model's prototypes, or k-means centroids of an imported backbone. */
+function clusterCount(model) {
+  if (model.clusters === 'prototypes') return model.num_prototypes;
+  if (model.clusters === 'centroids') return model.outputs.centroid_scores.dim;
+  return 0;
+}
+
 async function start() {
   try {
     state.model = await apiJson('/v1/model');
@@ -387,7 +397,11 @@ async function start() {
     return;
   }
   $('model-name').textContent = state.model.name;
-  $('cluster-filter').max = String(state.model.num_prototypes - 1);
+  const clusters = clusterCount(state.model);
+  $('cluster-filter').max = String(clusters - 1);
+  // Without prototypes or k-means centroids the index's items are not clustered.
+  $('cluster-filter').parentElement.hidden = clusters === 0;
+  $('nav-clusters').hidden = clusters === 0;
   $('forget-key').hidden = !apiKey();
   await route();
 }
