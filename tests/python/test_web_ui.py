@@ -92,8 +92,8 @@ def index(swav_bin, images, tmp_path_factory) -> Path:  # noqa: F811
 
 
 class Server:
-    def __init__(self, swav: Path, index: Path, api_key: str | None):
-        args = [str(swav), "serve", "--model", str(MODEL), "--index", str(index), "--listen", "127.0.0.1:0"]
+    def __init__(self, swav: Path, index: Path, api_key: str | None, model: Path = MODEL):
+        args = [str(swav), "serve", "--model", str(model), "--index", str(index), "--listen", "127.0.0.1:0"]
         if api_key:
             args += ["--api-key", api_key]
         self.key = api_key
@@ -336,3 +336,46 @@ def test_with_an_api_key_the_page_works_only_after_the_key_is_entered(browser, k
     assert browser.execute_script("return sessionStorage.getItem('swav.apiKey')") == KEY
     assert browser.execute_script("return localStorage.length") == 0, "the key stays out of localStorage"
     browser.execute_script("sessionStorage.clear()")
+
+
+def headless_model(out: Path) -> Path:
+    """The default model without its projection and prototypes: the shape of what `swav import`
+    writes for a backbone-only checkpoint imported without --cluster-images."""
+    import hashlib
+
+    import onnx
+
+    graph = onnx.load(str(MODEL / "model.onnx"))
+    keep = [o for o in graph.graph.output if o.name == "embedding"]
+    del graph.graph.output[:]
+    graph.graph.output.extend(keep)
+    out.mkdir()
+    onnx.save(graph, str(out / "model.onnx"))
+    manifest = json.loads((MODEL / "manifest.json").read_text())
+    manifest.update(schema_version=2, name="fashion-mnist-trunk", num_prototypes=0, golden=None,
+                    model_sha256=hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest(),
+                    outputs={**manifest["outputs"], "projection": None, "prototype_scores": None})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_model_without_prototypes_searches_and_hides_what_needs_clusters(browser, swav_bin, images, tmp_path,
+                                                                         artifacts):  # noqa: F811
+    s = Server(swav_bin, tmp_path / "index", None, model=headless_model(tmp_path / "trunk"))
+    try:
+        query_id, query_path = first_image(images)
+        image = base64.b64encode(query_path.read_bytes()).decode()
+        status, body = s.api("POST", "/v1/items", {"items": [{"id": query_id, "image": image}]})
+        assert status == 200, body
+        assert s.api("GET", "/v1/clusters")[1]["error"]["code"] == "no_clusters"
+        open_page(browser, s.base, "#/search")
+        assert not browser.find_element(By.ID, "nav-clusters").is_displayed()
+        assert not browser.find_element(By.ID, "cluster-filter").is_displayed()
+        browser.find_element(By.ID, "file-input").send_keys(str(query_path))
+        wait(browser, lambda d: loaded_thumbs(d, "#results") == 1, "the result thumbnail")
+        assert card_ids(browser, "#results") == [query_id]
+        assert not browser.find_element(By.ID, "prototypes").is_displayed()
+        assert browser.find_element(By.ID, "status").text == "", "no error: /v1/assign was not asked"
+        browser.save_screenshot(str(artifacts / "no-prototypes.png"))
+    finally:
+        s.stop()
