@@ -159,7 +159,7 @@ async fn operational_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_class_is_json_with_the_right_status() {
     let srv = real_server(ServerConfig {
-        limits: RequestLimits { max_images: 2, max_body_bytes: 64 * 1024 },
+        limits: RequestLimits { max_images: 2, max_body_bytes: 64 * 1024, ..RequestLimits::default() },
         decode: DecodeLimits { max_pixels: 1_000_000, max_bytes: 32 * 1024 },
         ..ServerConfig::default()
     })

@@ -62,7 +62,7 @@ fn run_child(dir: &Path, round: u64) {
         let items = (0..BATCH)
             .map(|j| {
                 let id = id_of(round, batch, j);
-                NewItem { vector: vector_of(&id), cluster: (j % 3) as u32, metadata: Some(serde_json::json!({"b": batch})), id, thumbnail: None }
+                NewItem { vector: vector_of(&id), cluster: (j % 3) as u32, metadata: Some(swav::index::Metadata::from_value(&serde_json::json!({"b": batch}))), id, thumbnail: None }
             })
             .collect();
         index.add(items).expect("child add");

@@ -2,7 +2,7 @@
 mod index_support;
 
 use index_support::*;
-use swav::index::{Index, IndexError, IndexOptions, ModelIdentity, NewItem};
+use swav::index::{Index, IndexError, IndexOptions, Metadata, ModelIdentity, NewItem};
 
 #[test]
 fn recall_at_10_against_exact_search_meets_target() {
@@ -47,11 +47,11 @@ fn add_get_delete_readd_and_replace() {
     let index = open(dir.path());
     let data = clustered(300, 3, 0.5, 5);
     let mut batch = items(&data, "id-");
-    batch[0].metadata = Some(serde_json::json!({"label": "first"}));
+    batch[0].metadata = Some(Metadata::from_value(&serde_json::json!({"label": "first"})));
     let report = index.add(batch).unwrap();
     assert_eq!((report.added, report.replaced), (300, 0));
     let info = index.get("id-0").unwrap();
-    assert_eq!(info.metadata, Some(serde_json::json!({"label": "first"})));
+    assert_eq!(info.metadata.map(|m| m.to_value()), Some(serde_json::json!({"label": "first"})));
     assert_eq!(info.cluster, data[0].1);
 
     assert!(index.delete("id-0").unwrap());
@@ -200,7 +200,7 @@ fn searches_run_during_writes_and_never_see_a_half_inserted_item() {
                     .enumerate()
                     .map(|(i, mut it)| {
                         it.id = format!("c{}", b * PER_BATCH + i);
-                        it.metadata = Some(serde_json::json!({"batch": b}));
+                        it.metadata = Some(Metadata::from_value(&serde_json::json!({"batch": b})));
                         it
                     })
                     .collect();
@@ -222,7 +222,7 @@ fn searches_run_during_writes_and_never_see_a_half_inserted_item() {
                     for h in &hits {
                         let b = batch_of(&h.id);
                         assert!(b < writing, "{} comes from a batch not yet being written", h.id);
-                        let meta = h.metadata.as_ref().expect("a visible item has its metadata");
+                        let meta = h.metadata.as_ref().expect("a visible item has its metadata").to_value();
                         assert_eq!(meta["batch"], b, "{} has another item's metadata", h.id);
                         assert!(index.get(&h.id).is_some(), "{} was returned but cannot be read", h.id);
                     }

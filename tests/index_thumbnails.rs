@@ -99,7 +99,7 @@ fn an_index_written_before_thumbnails_opens_and_takes_new_ones() {
             assert!(index.thumbnail(&format!("old{i}")).is_none());
         }
         assert_eq!(index.search(&late[3].0, 1, Some(100), None).unwrap()[0].id, "late3");
-        assert_eq!(index.get("old5").unwrap().metadata, Some(serde_json::json!({"n": 5})));
+        assert_eq!(index.get("old5").unwrap().metadata.map(|m| m.to_value()), Some(serde_json::json!({"n": 5})));
         index.add(with_thumbnails(&clustered(3, 1, 0.5, 7), "new")).unwrap();
         index.snapshot().unwrap();
     }

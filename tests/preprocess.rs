@@ -112,6 +112,19 @@ fn decompression_bomb_is_refused_from_the_header() {
 }
 
 #[test]
+fn extreme_aspect_ratio_is_refused_with_its_own_size_before_decoding() {
+    let started = Instant::now();
+    let err = gray28().prepare(&common::bomb_png(39_000_000, 1)).unwrap_err();
+    assert!(
+        matches!(err, PreprocessError::ResizedTooLarge { width: 39_000_000, height: 1, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with("the image is 39000000x1;"), "{err}");
+    assert_eq!((err.code(), err.class()), ("too_many_pixels", ErrorClass::TooLarge));
+    assert!(started.elapsed() < Duration::from_millis(200), "must not decode 39 M pixels first");
+}
+
+#[test]
 fn limits_and_bad_inputs_have_the_right_class() {
     let small = Preprocessor::new(&spec(1, 28, 28, 28), DecodeLimits { max_pixels: 100, max_bytes: 64 });
     let big = common::gray_png(28, 28, 3);

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use super::{ModelArgs, ThumbnailArgs};
 use crate::engine::batcher::{Batcher, BatcherConfig};
 use crate::engine::{Engine, EngineOptions};
+use crate::http::server::ConnLimits;
 use crate::http::{self, AppState, ModelInfo, RequestLimits};
 use crate::metrics::Metrics;
 use crate::preprocess::Preprocessor;
@@ -42,6 +43,14 @@ pub struct ServeArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "SWAV_MAX_BODY_BYTES", default_value_t = RequestLimits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Largest metadata of one item, in bytes of JSON text (413 beyond).
+    #[arg(long, env = "SWAV_MAX_METADATA_BYTES", default_value_t = RequestLimits::default().max_metadata_bytes)]
+    pub max_metadata_bytes: usize,
+    /// Request body bytes the server holds at once, over all requests: each request reserves
+    /// its Content-Length (or --max-body-bytes when it sends none) until it is answered. Past
+    /// it requests get 503 with Retry-After. At least --max-body-bytes.
+    #[arg(long, env = "SWAV_MAX_INFLIGHT_BYTES", default_value_t = RequestLimits::default().max_inflight_bytes)]
+    pub max_inflight_bytes: usize,
     /// Images decoded concurrently on the decode pool. Default: the number of cores. Images of at
     /// most 64×64 pixels skip the pool: they decode faster than a hand-off to it.
     #[arg(long, env = "SWAV_DECODE_THREADS")]
@@ -62,12 +71,39 @@ pub struct ServeArgs {
     #[arg(long, env = "SWAV_UI", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
     pub ui: bool,
-    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    /// Most open client connections. At the limit a new connection displaces the oldest one
+    /// with no request in progress; when every one is busy, new ones wait.
+    #[arg(long, env = "SWAV_MAX_CONNECTIONS", default_value_t = ConnLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a client has from the first byte of a request head to its end; slower ones are
+    /// disconnected.
+    #[arg(long, env = "SWAV_HEADER_TIMEOUT_S", default_value_t = ConnLimits::default().header_timeout.as_secs_f64())]
+    pub header_timeout_s: f64,
+    /// Seconds a keep-alive connection may stay open with no request in progress and nothing
+    /// received.
+    #[arg(long, env = "SWAV_IDLE_TIMEOUT_S", default_value_t = ConnLimits::default().idle_timeout.as_secs_f64())]
+    pub idle_timeout_s: f64,
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM (idle connections are
+    /// closed at once).
     #[arg(long, env = "SWAV_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
 }
 
 impl ServeArgs {
+    fn conn_limits(&self) -> anyhow::Result<ConnLimits> {
+        let seconds = |v: f64, flag: &str| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("{flag} must be a positive number of seconds, got {v}"))
+        };
+        Ok(ConnLimits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: seconds(self.header_timeout_s, "--header-timeout-s")?,
+            idle_timeout: seconds(self.idle_timeout_s, "--idle-timeout-s")?,
+        })
+    }
+
     fn batcher_config(&self) -> BatcherConfig {
         BatcherConfig {
             max_batch_size: self.max_batch_size.max(1),
@@ -78,6 +114,18 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        // An empty key would otherwise read as "no key" and serve without auth.
+        anyhow::bail!("--api-key (SWAV_API_KEY) is empty: give a key, or leave it unset to serve without auth");
+    }
+    if args.max_inflight_bytes < args.max_body_bytes {
+        anyhow::bail!(
+            "--max-inflight-bytes ({}) must be at least --max-body-bytes ({}), or no request of the largest size could ever be admitted",
+            args.max_inflight_bytes,
+            args.max_body_bytes
+        );
+    }
+    args.conn_limits()?;
     let workers = args.workers.max(1);
     let (bundle, engine, options) = args.model.load(workers)?;
     let engine = Arc::new(engine);
@@ -90,6 +138,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_limits(RequestLimits {
             max_images: args.max_images_per_request.max(1),
             max_body_bytes: args.max_body_bytes,
+            max_metadata_bytes: args.max_metadata_bytes,
+            max_inflight_bytes: args.max_inflight_bytes,
         })
         .with_api_key(args.api_key.clone())
         .with_thumbnails(args.thumbnails.thumbnails)
@@ -127,9 +177,8 @@ fn model_info(manifest: &crate::bundle::Manifest, engine: &Engine, options: &Eng
 }
 
 async fn serve(args: ServeArgs, state: AppState, engine: Arc<Engine>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    raise_open_file_limit(args.max_connections);
+    let listener = bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
     // Tests and scripts read this line to find a port-0 server.
     println!("listening on {addr}");
@@ -146,11 +195,11 @@ async fn serve(args: ServeArgs, state: AppState, engine: Arc<Engine>) -> anyhow:
     });
     let app = http::router(state);
     let mut graceful_rx = stop_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let limits = args.conn_limits()?;
+    let server = tokio::spawn(http::server::serve(listener, app, limits, async move {
         let _ = graceful_rx.wait_for(|stop| *stop).await;
         tracing::info!("shutting down: finishing in-flight requests");
-    });
-    let server = tokio::spawn(async move { server.await });
+    }));
 
     match warm_up.await {
         Ok(Ok(())) => {
@@ -176,6 +225,38 @@ async fn serve(args: ServeArgs, state: AppState, engine: Arc<Engine>) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// A listener whose accept queue holds a burst of connections: with the kernel's usual 128, a
+/// burst beyond it loses SYNs, and those clients wait a second for the retry.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Connections are file descriptors: lifts the soft limit towards the hard one so that
+/// `--max-connections` is reachable, and warns when it is not.
+fn raise_open_file_limit(max_connections: usize) {
+    // Index files, the model, logs and listeners besides the connections.
+    let wanted = max_connections as u64 + 256;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write or read only the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted.min(lim.rlim_max), rlim_max: lim.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = raised.rlim_cur;
+        }
+    }
+    if lim.rlim_cur < wanted {
+        tracing::warn!(open_files = lim.rlim_cur, max_connections,
+            "the open-file limit is below --max-connections plus a margin; accept errors may occur before the connection limit");
+    }
 }
 
 async fn shutdown_signal() {

@@ -137,6 +137,26 @@ impl Batcher {
         Announced { batcher: self }
     }
 
+    /// Announces all `n` images of a request, or none: refuses when the queue cannot take them
+    /// all, counting those already queued and those announced by other requests. Called before
+    /// decoding, so a request that would be refused costs no decoding, and one that is admitted
+    /// finds room for every image (the overload goes to whole requests, not to parts of them).
+    pub fn admit(&self, n: usize) -> Result<Vec<Announced<'_>>, BatchError> {
+        let capacity = self.config.queue_capacity;
+        let mut announced = self.incoming.load(Ordering::Acquire);
+        loop {
+            if self.tx.len().saturating_add(announced).saturating_add(n) > capacity {
+                self.metrics.overloaded.inc_by(n as u64);
+                return Err(BatchError::Overloaded { capacity });
+            }
+            match self.incoming.compare_exchange_weak(announced, announced + n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => announced = now,
+            }
+        }
+        Ok((0..n).map(|_| Announced { batcher: self }).collect())
+    }
+
     /// Queues one image tensor and waits for its outputs. Refuses at once when the queue is full.
     /// Dropping the returned future before it completes withdraws the image from its batch.
     pub async fn submit(&self, tensor: Vec<f32>) -> Result<ImageOutput, BatchError> {

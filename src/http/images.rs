@@ -79,8 +79,9 @@ pub async fn infer_images_with_thumbnails(state: &AppState, images: Vec<Bytes>) 
 }
 
 async fn infer(state: &AppState, images: Vec<Bytes>, thumbnails: bool) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
-    // Announced before decoding, so that a batch being gathered waits for these images.
-    let announced: Vec<_> = images.iter().map(|_| state.batcher.announce()).collect();
+    // Admitted before decoding, so an overload costs no decoding; announced, so that a batch
+    // being gathered waits for these images.
+    let announced = state.batcher.admit(images.len())?;
     try_join_all(images.into_iter().zip(announced).enumerate().map(|(i, (bytes, announced))| async move {
         let (tensor, thumbnail) = prepare(state, i, bytes, thumbnails).await?;
         let out = announced.submit(tensor).await.map_err(ApiError::from)?;

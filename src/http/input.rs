@@ -5,9 +5,9 @@ use axum::extract::multipart::Field;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{StatusCode, header};
 use base64::Engine as _;
-use serde::Deserialize;
 
 use super::error::ApiError;
+use super::json::{self, Caps, Text};
 
 const ACCEPTED: &str = "send image/* or application/octet-stream (one image), multipart/form-data (file parts) \
                         or application/json {\"images\": [base64, ...]}";
@@ -36,7 +36,7 @@ pub async fn read_images(req: Request, max_images: usize) -> Result<Vec<Bytes>, 
     Ok(images)
 }
 
-fn too_many(got: usize, max: usize) -> ApiError {
+pub(super) fn too_many(got: usize, max: usize) -> ApiError {
     ApiError::too_large(
         "too_many_images",
         format!("the request has {got} images, over the limit of {max} per request"),
@@ -51,7 +51,7 @@ fn body_error(status: StatusCode, detail: String) -> ApiError {
     }
 }
 
-async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, &())
         .await
         .map_err(|e| body_error(e.status(), e.body_text()))
@@ -107,39 +107,26 @@ fn multipart_error(status: StatusCode, detail: String) -> ApiError {
     }
 }
 
-#[derive(Deserialize)]
-struct JsonImages {
-    images: Vec<String>,
-}
-
 async fn read_json(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiError> {
     let body = read_body(req).await?;
-    let parsed: JsonImages = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("expected {{\"images\": [base64, ...]}}: {e}"),
-            )
-        } else {
-            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        }
-    })?;
-    if parsed.images.is_empty() {
+    let caps = Caps { images: max_images, vector: 0 };
+    let images = json::parse(&body, caps, "{\"images\": [base64, ...]}")?.images.unwrap_or_default();
+    decode_images(&images)
+}
+
+/// Decodes the base64 images of a JSON body; at least one is required.
+pub(super) fn decode_images(images: &[Text<'_>]) -> Result<Vec<Bytes>, ApiError> {
+    if images.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request",
             "\"images\" must hold at least one base64 image",
         ));
     }
-    if parsed.images.len() > max_images {
-        return Err(too_many(parsed.images.len(), max_images));
-    }
-    parsed
-        .images
+    images
         .iter()
         .enumerate()
-        .map(|(i, s)| decode_base64(s).map(Bytes::from).map_err(|e| {
+        .map(|(i, s)| decode_base64(&s.0).map(Bytes::from).map_err(|e| {
             ApiError::bad_request("invalid_base64", format!("image {i}: not valid base64: {e}"))
         }))
         .collect()
@@ -151,6 +138,9 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
         Some(rest) => rest.split_once(";base64,").map_or(rest, |(_, p)| p),
         None => s,
     };
+    if !payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        return base64::engine::general_purpose::STANDARD.decode(payload);
+    }
     let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     base64::engine::general_purpose::STANDARD.decode(compact)
 }

@@ -6,21 +6,21 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, OriginalUri, Path, Query, Request, State};
+use axum::extract::{OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sha2::Digest;
 use prometheus::{Histogram, HistogramOpts};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
 use super::images::{infer_images, infer_images_with_thumbnails};
-use super::input::{decode_base64, next_part, open_multipart, part_bytes, read_images};
+use super::input::{decode_base64, decode_images, next_part, open_multipart, part_bytes, read_body, read_images, too_many};
+use super::json::{self, Caps};
 use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
-use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, NewItem};
+use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, Metadata, NewItem};
 use crate::metrics::Metrics;
 
 const DEFAULT_K: usize = 10;
@@ -97,35 +97,11 @@ fn content_type(req: &Request) -> String {
         .unwrap_or_default()
 }
 
-async fn read_json(req: Request, expected: &str) -> Result<Value, ApiError> {
-    let body = Bytes::from_request(req, &()).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("body_too_large", format!("the request body is over the size limit: {}", e.body_text()))
-        } else {
-            ApiError::bad_request("bad_body", format!("could not read the request body: {}", e.body_text()))
-        }
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON ({expected}): {e}")))
-}
-
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
 }
 
 // ------------------------------------------------------------------ POST /v1/items
-
-#[derive(Deserialize)]
-struct AddBody {
-    items: Vec<AddItem>,
-}
-
-#[derive(Deserialize)]
-struct AddItem {
-    id: String,
-    image: String,
-    #[serde(default)]
-    metadata: Option<Value>,
-}
 
 #[derive(Serialize)]
 pub struct AddResponse {
@@ -136,14 +112,14 @@ pub struct AddResponse {
 struct Upload {
     id: String,
     image: Bytes,
-    metadata: Option<Value>,
+    metadata: Option<Metadata>,
 }
 
 pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Json<AddResponse>, ApiError> {
     let h = handle(&state)?.clone();
     let uploads = match content_type(&req).as_str() {
-        "application/json" => uploads_from_json(req).await?,
-        "multipart/form-data" => uploads_from_multipart(req).await?,
+        "application/json" => uploads_from_json(&state, req).await?,
+        "multipart/form-data" => uploads_from_multipart(req, state.limits.max_images).await?,
         other => {
             return Err(ApiError::unsupported_media_type(format!(
                 "Content-Type {other:?} is not accepted; send application/json {{\"items\": [{{\"id\", \"image\" (base64), \"metadata\"}}]}} \
@@ -154,16 +130,10 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
     if uploads.is_empty() {
         return Err(invalid("no items given"));
     }
-    if uploads.len() > state.limits.max_images {
-        return Err(ApiError::too_large(
-            "too_many_images",
-            format!("the request has {} images, over the limit of {} per request", uploads.len(), state.limits.max_images),
-        ));
-    }
     for (i, u) in uploads.iter().enumerate() {
         crate::index::check_id(&u.id).map_err(|e| invalid(format!("item {i}: {e}")))?;
     }
-    let (meta, images): (Vec<(String, Option<Value>)>, Vec<Bytes>) =
+    let (meta, images): (Vec<(String, Option<Metadata>)>, Vec<Bytes>) =
         uploads.into_iter().map(|u| ((u.id, u.metadata), u.image)).unzip();
     let outputs = infer_images_with_thumbnails(&state, images).await?;
     let ids: Vec<String> = meta.iter().map(|(id, _)| id.clone()).collect();
@@ -188,25 +158,42 @@ pub fn cluster_of(out: &ImageOutput) -> u32 {
         .map_or(0, |(i, _)| i as u32)
 }
 
-async fn uploads_from_json(req: Request) -> Result<Vec<Upload>, ApiError> {
-    let value = read_json(req, "expected {\"items\": [...]}").await?;
-    let body: AddBody = serde_json::from_value(value)
-        .map_err(|e| invalid(format!("expected {{\"items\": [{{\"id\": string, \"image\": base64, \"metadata\": any}}]}}: {e}")))?;
-    body.items
+const ITEMS_SHAPE: &str = "{\"items\": [{\"id\": string, \"image\": base64, \"metadata\": any}]}";
+
+async fn uploads_from_json(state: &AppState, req: Request) -> Result<Vec<Upload>, ApiError> {
+    let body = read_body(req).await?;
+    let caps = Caps { images: state.limits.max_images, vector: 0 };
+    let items = json::parse(&body, caps, ITEMS_SHAPE)?.items.ok_or_else(|| invalid(format!("expected {ITEMS_SHAPE}")))?;
+    let max_meta = state.limits.max_metadata_bytes;
+    items
         .into_iter()
         .enumerate()
         .map(|(i, it)| {
-            let image = decode_base64(&it.image)
+            let metadata = it.metadata.map(|m| {
+                if m.get().len() > max_meta {
+                    return Err(ApiError::too_large(
+                        "metadata_too_large",
+                        format!("item {i} ({}): its metadata is {} bytes, over the limit of {max_meta}", it.id, m.get().len()),
+                    ));
+                }
+                Ok(Metadata::from_raw(m))
+            });
+            let metadata = metadata.transpose()?;
+            let image = decode_base64(&it.image.0)
                 .map_err(|e| ApiError::bad_request("invalid_base64", format!("item {i} ({}): not valid base64: {e}", it.id)))?;
-            Ok(Upload { id: it.id, image: Bytes::from(image), metadata: it.metadata })
+            Ok(Upload { id: it.id, image: Bytes::from(image), metadata })
         })
         .collect()
 }
 
-async fn uploads_from_multipart(req: Request) -> Result<Vec<Upload>, ApiError> {
+/// Parts are counted as they arrive: the one over the limit is refused before it is read.
+async fn uploads_from_multipart(req: Request, max_images: usize) -> Result<Vec<Upload>, ApiError> {
     let mut multipart = open_multipart(req).await?;
     let mut uploads = Vec::new();
     while let Some(field) = next_part(&mut multipart).await? {
+        if uploads.len() == max_images {
+            return Err(too_many(max_images + 1, max_images));
+        }
         // The part's file name is the id when it has one, else its field name.
         let id = field.file_name().or(field.name()).unwrap_or_default().to_string();
         let image = part_bytes(field).await?;
@@ -321,10 +308,10 @@ pub async fn search(
     if let Some(ef) = q.ef.filter(|ef| !(1..=MAX_EF).contains(ef)) {
         return Err(ApiError::invalid_params(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
     }
-    if q.cluster.is_some() {
-        clustered(&state)?;
+    if let Some(c) = q.cluster {
+        check_cluster(&state, c)?;
     }
-    let queries = read_queries(&state, req).await?;
+    let queries = read_queries(&state, &h, req).await?;
     let (ef, cluster) = (q.ef, q.cluster);
     let results = blocking(move || -> Result<Vec<Vec<Hit>>, ApiError> {
         let timed = |f: &dyn Fn() -> Result<Vec<Hit>, ApiError>| {
@@ -349,35 +336,30 @@ pub async fn search(
 }
 
 /// A search body is an image in any `/v1/embed` form, `{"vector": [...]}`, or `{"id": "..."}`.
-async fn read_queries(state: &AppState, req: Request) -> Result<Queries, ApiError> {
+async fn read_queries(state: &AppState, h: &IndexHandle, req: Request) -> Result<Queries, ApiError> {
     if content_type(&req) != "application/json" {
         let images = read_images(req, state.limits.max_images).await?;
         return Ok(Queries::Vectors(embed(state, images).await?));
     }
-    let value = read_json(req, "expected {\"vector\": [...]}, {\"id\": \"...\"} or {\"images\": [...]}").await?;
-    let shape = "the JSON body must be {\"vector\": [numbers]}, {\"id\": string} or {\"images\": [base64, ...]}";
-    let obj = value.as_object().ok_or_else(|| invalid(shape))?;
-    if obj.len() != 1 {
-        return Err(invalid(shape));
+    let shape = "{\"vector\": [numbers]}, {\"id\": string} or {\"images\": [base64, ...]}";
+    let body = read_body(req).await?;
+    let caps = Caps { images: state.limits.max_images, vector: h.index.identity().dim };
+    let parsed = json::parse(&body, caps, shape)?;
+    if parsed.keys() != 1 {
+        return Err(invalid(format!("the JSON body must be {shape}")));
     }
-    if let Some(v) = obj.get("vector") {
-        let v: Vec<f32> = serde_json::from_value(v.clone()).map_err(|e| invalid(format!("\"vector\" must be an array of numbers: {e}")))?;
+    if let Some(v) = parsed.vector {
         return Ok(Queries::Vectors(vec![v]));
     }
-    if let Some(id) = obj.get("id") {
-        return id.as_str().map(|s| Queries::Id(s.to_string())).ok_or_else(|| invalid("\"id\" must be a string"));
+    if let Some(id) = parsed.id {
+        return Ok(Queries::Id(id));
     }
-    if obj.contains_key("images") {
-        // Hand the body back to the shared reader so the base64 rules and limits are the same.
-        let body = Body::from(serde_json::to_vec(&value).unwrap_or_default());
-        let req = Request::builder()
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let images = read_images(req, state.limits.max_images).await?;
+    if let Some(images) = parsed.images {
+        let images = decode_images(&images)?;
+        drop(body);
         return Ok(Queries::Vectors(embed(state, images).await?));
     }
-    Err(invalid(shape))
+    Err(invalid(format!("the JSON body must be {shape}")))
 }
 
 async fn embed(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Vec<f32>>, ApiError> {
@@ -420,7 +402,17 @@ pub async fn cluster_items(
     let h = handle(&state)?;
     let cluster = path(id)?;
     let q = query(q)?;
-    let k = clustered(&state)?;
+    check_cluster(&state, cluster)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid_params(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
+    }
+    Ok(Json(h.index.cluster_items(cluster, limit, q.offset.unwrap_or(0))))
+}
+
+/// A cluster the model does not have is a 404, on every route.
+fn check_cluster(state: &AppState, cluster: u32) -> Result<(), ApiError> {
+    let k = clustered(state)?;
     if cluster as usize >= k {
         let what = match state.model.manifest.cluster_source() {
             ClusterSource::Centroids(_) => "k-means centroids",
@@ -432,11 +424,7 @@ pub async fn cluster_items(
             format!("no cluster {cluster}: the model has {k} {what} (0 to {})", k.saturating_sub(1)),
         ));
     }
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid_params(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
-    }
-    Ok(Json(h.index.cluster_items(cluster, limit, q.offset.unwrap_or(0))))
+    Ok(())
 }
 
 pub async fn stats(State(state): State<AppState>) -> Result<Json<IndexStats>, ApiError> {

@@ -3,39 +3,55 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::error::ApiError;
 
-/// Requires `Authorization: Bearer <key>` when the server has an API key.
+/// Requires `Authorization: Bearer <key>` when the server has an API key. The scheme is
+/// case-insensitive (RFC 7235), and the 401 says which of header, scheme or key was wrong.
 pub async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(expected) = state.api_key.as_deref() else {
         return next.run(req).await;
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(key) if constant_time_eq(key.as_bytes(), expected.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key").into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing API key: send Authorization: Bearer <key>",
-        )
-        .into_response(),
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).into_response();
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return unauthorized("missing API key: send Authorization: Bearer <key>");
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let (scheme, key) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return unauthorized("the Authorization header must use the Bearer scheme: Authorization: Bearer <key>");
+    }
+    if constant_time_eq(key.trim().as_bytes(), expected.as_bytes()) {
+        next.run(req).await
+    } else {
+        unauthorized("invalid API key")
     }
 }
 
 /// Compares without an early exit, so the time taken says nothing about the key.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A closed set of label values: any token is a valid method name to hyper, and a label per
+/// made-up name would grow the registry and `/metrics` without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
 }
 
 /// Counts every request by route and status, times it, and logs one debug line.
@@ -45,14 +61,14 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let elapsed = started.elapsed();
     let status = response.status();
     state
         .metrics
         .requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .with_label_values(&[route.as_str(), method, status.as_str()])
         .inc();
     state
         .metrics
@@ -72,5 +88,12 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn method_labels_are_a_closed_set() {
+        use axum::http::Method;
+        assert_eq!(super::method_label(&Method::PATCH), "PATCH");
+        assert_eq!(super::method_label(&Method::from_bytes(b"GETX").expect("token")), "other");
     }
 }

@@ -10,9 +10,12 @@ pub mod error;
 pub mod images;
 pub mod input;
 pub mod items;
+pub mod json;
+pub mod limits;
 pub mod middleware;
 pub mod ops;
 pub mod responses;
+pub mod server;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -46,6 +49,10 @@ pub struct ModelInfo {
 pub struct RequestLimits {
     pub max_images: usize,
     pub max_body_bytes: usize,
+    /// Largest metadata of one item, as JSON text.
+    pub max_metadata_bytes: usize,
+    /// Request bodies being read or handled at once, in bytes, summed over all requests.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -53,6 +60,8 @@ impl Default for RequestLimits {
         RequestLimits {
             max_images: 64,
             max_body_bytes: 64 * 1024 * 1024,
+            max_metadata_bytes: 64 * 1024,
+            max_inflight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -77,6 +86,8 @@ pub struct AppState {
     pub thumbnails: bool,
     /// Whether `/` serves the web page (`--no-ui` turns it off).
     pub ui: bool,
+    /// One permit per byte of request body in flight (`limits.max_inflight_bytes`).
+    pub inflight_bytes: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -95,6 +106,7 @@ impl AppState {
             index: None,
             thumbnails: true,
             ui: true,
+            inflight_bytes: Arc::new(Semaphore::new(RequestLimits::default().max_inflight_bytes)),
         }
     }
 
@@ -116,6 +128,7 @@ impl AppState {
 
     pub fn with_limits(mut self, limits: RequestLimits) -> AppState {
         self.limits = limits;
+        self.inflight_bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes.min(Semaphore::MAX_PERMITS)));
         self
     }
 
@@ -166,6 +179,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::admit_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::observe))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)

@@ -5,14 +5,14 @@
 //! Where a format carries thumbnails (log op 3, snapshot version 2), each item is followed by
 //! `thumb_len u32 (u32::MAX = none) | encoded image bytes`.
 
-use serde_json::Value;
+use super::Metadata;
 
 /// An item as it is written to disk.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ItemRecord {
     pub id: String,
     pub cluster: u32,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
     pub vector: Vec<f32>,
     /// A small encoded image (PNG, JPEG or WebP) of the item, when one was kept.
     pub thumbnail: Option<Vec<u8>>,
@@ -37,16 +37,14 @@ pub(crate) fn put_item(out: &mut Vec<u8>, item: &ItemRecord) {
     put_item_parts(out, &item.id, item.cluster, item.metadata.as_ref(), &item.vector);
 }
 
-pub(crate) fn put_item_parts(out: &mut Vec<u8>, id: &str, cluster: u32, metadata: Option<&Value>, vector: &[f32]) {
+pub(crate) fn put_item_parts(out: &mut Vec<u8>, id: &str, cluster: u32, metadata: Option<&Metadata>, vector: &[f32]) {
     put_str(out, id);
     put_u32(out, cluster);
     match metadata {
         None => put_u32(out, NO_METADATA),
-        Some(v) => {
-            // Serialising a `Value` cannot fail: its keys are always strings.
-            let bytes = serde_json::to_vec(v).unwrap_or_default();
-            put_u32(out, bytes.len() as u32);
-            out.extend_from_slice(&bytes);
+        Some(m) => {
+            put_u32(out, m.get().len() as u32);
+            out.extend_from_slice(m.get().as_bytes());
         }
     }
     out.reserve(vector.len() * 4);
@@ -119,7 +117,8 @@ impl<'a> Reader<'a> {
             None
         } else {
             let b = self.bytes(meta_len as usize, "metadata")?;
-            Some(serde_json::from_slice(b).map_err(|e| format!("metadata of '{id}' is not JSON: {e}"))?)
+            let text = String::from_utf8(b.to_vec()).map_err(|_| format!("metadata of '{id}' is not UTF-8"))?;
+            Some(Metadata::from_json(text).map_err(|e| format!("metadata of '{id}' is not JSON: {e}"))?)
         };
         let len = dim.checked_mul(4).ok_or_else(|| format!("dimension {dim} is too large"))?;
         let raw = self.bytes(len, "vector")?;
@@ -155,7 +154,7 @@ mod tests {
             ItemRecord {
                 id: "ü".into(),
                 cluster: 0,
-                metadata: Some(serde_json::json!({"k": [1, 2]})),
+                metadata: Some(Metadata::from_value(&serde_json::json!({"k": [1, 2]}))),
                 vector: vec![0.0, 1.0, 0.0],
                 thumbnail: None,
             },

@@ -66,7 +66,7 @@ fn ids_of(index: &Index) -> Vec<String> {
 fn sample_index(dir: &Path) -> Vec<String> {
     let index = Index::open_or_create(dir, identity(), opts()).unwrap();
     let items = |r: std::ops::Range<usize>| {
-        r.map(|i| NewItem { id: format!("i{i}"), vector: vector(i), cluster: (i % 3) as u32, metadata: Some(serde_json::json!({"i": i})), thumbnail: (i % 2 == 0).then(|| vec![i as u8; 3]) })
+        r.map(|i| NewItem { id: format!("i{i}"), vector: vector(i), cluster: (i % 3) as u32, metadata: Some(super::Metadata::from_value(&serde_json::json!({"i": i}))), thumbnail: (i % 2 == 0).then(|| vec![i as u8; 3]) })
             .collect::<Vec<_>>()
     };
     index.add(items(0..40)).unwrap();
@@ -110,7 +110,7 @@ proptest! {
     ) {
         let mut enc = snapshot::Encoder::new(DIM, 5, 8);
         for i in 0..8 {
-            let meta = serde_json::json!({"n": i});
+            let meta = super::Metadata::from_value(&serde_json::json!({"n": i}));
             enc.push(i % 3 != 0, &format!("s{i}"), i as u32, Some(&meta), &vector(i), Some(&[1, 2, 3]));
         }
         let bad = mutate(&enc.finish(), &flips, cut, fix);

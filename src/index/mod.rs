@@ -19,6 +19,7 @@ mod fuzz;
 mod graph;
 #[cfg(test)]
 mod reach;
+mod metadata;
 mod snapshot;
 mod store;
 mod wal;
@@ -33,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use codec::ItemRecord;
 use graph::{Graph, GraphParams};
@@ -43,6 +43,7 @@ use wal::{Op, Wal};
 pub use collector::IndexCollector;
 pub use error::{IndexError, ModelMismatch};
 pub use faults::{FaultPoint, Faults, NoFaults};
+pub use metadata::Metadata;
 pub use wal::TornTail;
 
 const IDENTITY_FILE: &str = "index.json";
@@ -105,7 +106,7 @@ pub struct NewItem {
     pub id: String,
     pub vector: Vec<f32>,
     pub cluster: u32,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
     /// A small encoded image (PNG, JPEG or WebP, at most [`MAX_THUMBNAIL_BYTES`]) shown for the item.
     pub thumbnail: Option<Vec<u8>>,
 }
@@ -114,7 +115,7 @@ pub struct NewItem {
 pub struct ItemInfo {
     pub id: String,
     pub cluster: u32,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -123,7 +124,7 @@ pub struct Hit {
     /// Cosine similarity to the query.
     pub score: f32,
     pub cluster: u32,
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -852,7 +853,7 @@ impl Inner {
         let mut enc = snapshot::Encoder::new(dim, seq, slots.len());
         for (slot, s) in slots.iter().enumerate() {
             // Tombstones keep their place: the graph dump refers to slots by number.
-            let (metadata, thumbnail) = if s.live { (s.metadata.as_deref(), s.thumbnail.as_deref()) } else { (None, None) };
+            let (metadata, thumbnail) = if s.live { (s.metadata.as_ref(), s.thumbnail.as_deref()) } else { (None, None) };
             enc.push(s.live, &s.id, s.cluster, metadata, &vectors[slot * dim..(slot + 1) * dim], thumbnail);
         }
         drop((slots, vectors));
@@ -956,14 +957,14 @@ fn prefetch_records(st: &State, hits: &[(usize, f32)]) {
         let s = &st.slots[slot];
         graph::prefetch(s.id.as_bytes());
         if let Some(m) = &s.metadata {
-            graph::prefetch(std::slice::from_ref(&**m));
+            graph::prefetch(m.get().as_bytes());
         }
     }
 }
 
 fn item_info(st: &State, slot: usize) -> ItemInfo {
     let s = &st.slots[slot];
-    ItemInfo { id: s.id.to_string(), cluster: s.cluster, metadata: s.metadata.as_deref().cloned() }
+    ItemInfo { id: s.id.to_string(), cluster: s.cluster, metadata: s.metadata.clone() }
 }
 
 fn graph_params(opts: &IndexOptions) -> GraphParams {
@@ -1018,11 +1019,13 @@ fn unit_vector(v: &[f32], dim: usize, what: &str) -> Result<Vec<f32>, IndexError
     if v.iter().any(|x| !x.is_finite()) {
         return Err(IndexError::InvalidInput(format!("{what} contains NaN or infinity")));
     }
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm == 0.0 || !norm.is_finite() {
+    // In f64: squares of f32 values as large as 1e30 or as small as 1e-30 stay finite and
+    // non-zero there, while in f32 they overflow to infinity or vanish.
+    let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    if norm == 0.0 {
         return Err(IndexError::InvalidInput(format!("{what} has zero length and no direction")));
     }
-    Ok(v.iter().map(|x| x / norm).collect())
+    Ok(v.iter().map(|&x| (f64::from(x) / norm) as f32).collect())
 }
 
 /// Takes an exclusive advisory lock so that two processes never write one index.

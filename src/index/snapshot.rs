@@ -49,7 +49,7 @@ impl Encoder {
         Encoder { buf, count: 0 }
     }
 
-    pub fn push(&mut self, live: bool, id: &str, cluster: u32, metadata: Option<&serde_json::Value>, vector: &[f32], thumbnail: Option<&[u8]>) {
+    pub fn push(&mut self, live: bool, id: &str, cluster: u32, metadata: Option<&super::Metadata>, vector: &[f32], thumbnail: Option<&[u8]>) {
         self.buf.push(live as u8);
         put_item_parts(&mut self.buf, id, cluster, metadata, vector);
         put_thumbnail(&mut self.buf, thumbnail);
@@ -282,7 +282,7 @@ mod tests {
     /// A version-1 file, laid out as releases before thumbnails wrote it, still reads.
     #[test]
     fn version_1_snapshot_reads_without_thumbnails() {
-        let item = ItemRecord { id: "old".into(), cluster: 1, metadata: Some(serde_json::json!({"a": 1})), vector: vec![1.0, 0.0], thumbnail: None };
+        let item = ItemRecord { id: "old".into(), cluster: 1, metadata: Some(super::super::Metadata::from_value(&serde_json::json!({"a": 1}))), vector: vec![1.0, 0.0], thumbnail: None };
         let mut buf = Vec::new();
         buf.extend_from_slice(MAGIC);
         put_u32(&mut buf, 1);

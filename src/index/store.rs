@@ -4,8 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use serde_json::Value;
-
+use super::Metadata;
 use super::codec::ItemRecord;
 use super::graph::{Graph, GraphParams};
 
@@ -13,7 +12,7 @@ use super::graph::{Graph, GraphParams};
 pub(crate) struct Slot {
     pub id: Arc<str>,
     pub cluster: u32,
-    pub metadata: Option<Arc<Value>>,
+    pub metadata: Option<Metadata>,
     /// Dropped when the item is deleted or replaced.
     pub thumbnail: Option<Arc<[u8]>>,
     /// False until the graph insert finished (so searches never return a half-inserted item)
@@ -90,7 +89,7 @@ impl State {
             self.slots.push(Slot {
                 id: Arc::from(it.id.as_str()),
                 cluster: it.cluster,
-                metadata: it.metadata.clone().map(Arc::new),
+                metadata: it.metadata.clone(),
                 thumbnail: it.thumbnail.as_deref().map(Arc::from),
                 live: false,
             });
@@ -141,7 +140,7 @@ impl State {
             .map(|(i, s)| (true, ItemRecord {
                 id: s.id.to_string(),
                 cluster: s.cluster,
-                metadata: s.metadata.as_deref().cloned(),
+                metadata: s.metadata.clone(),
                 vector: vectors.get(i).to_vec(),
                 thumbnail: s.thumbnail.as_deref().map(<[u8]>::to_vec),
             }))

@@ -52,6 +52,8 @@ pub enum PreprocessError {
     TooManyBytes { got: usize, limit: usize },
     #[error("the image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels", pixels = *width as u64 * *height as u64)]
     TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("the image is {width}x{height}; resized to the model's input it would be {resized_width}x{resized_height} = {pixels} pixels, over the limit of {limit} pixels", pixels = *resized_width as u64 * *resized_height as u64)]
+    ResizedTooLarge { width: u32, height: u32, resized_width: u64, resized_height: u64, limit: u64 },
     #[error("decoding the image would exceed the memory limit: {0}")]
     DecoderLimit(String),
     #[error("image format {0} is not supported (supported: JPEG, PNG, WebP, GIF, BMP, TIFF)")]
@@ -66,6 +68,7 @@ impl PreprocessError {
             }
             PreprocessError::TooManyBytes { .. }
             | PreprocessError::TooManyPixels { .. }
+            | PreprocessError::ResizedTooLarge { .. }
             | PreprocessError::DecoderLimit(_) => ErrorClass::TooLarge,
             PreprocessError::UnsupportedFormat(_) => ErrorClass::Unsupported,
         }
@@ -78,7 +81,7 @@ impl PreprocessError {
             PreprocessError::Truncated(_) => "truncated_image",
             PreprocessError::Undecodable(_) => "undecodable_image",
             PreprocessError::TooManyBytes { .. } | PreprocessError::DecoderLimit(_) => "image_too_large",
-            PreprocessError::TooManyPixels { .. } => "too_many_pixels",
+            PreprocessError::TooManyPixels { .. } | PreprocessError::ResizedTooLarge { .. } => "too_many_pixels",
             PreprocessError::UnsupportedFormat(_) => "unsupported_image_format",
         }
     }
@@ -150,28 +153,46 @@ impl Preprocessor {
 
     /// Like [`Preprocessor::prepare`] but stops before the float conversion (8-bit H×W×C).
     pub fn prepare_plane(&self, bytes: &[u8]) -> Result<Plane, PreprocessError> {
+        // Refused from the header alone, so an extreme aspect ratio costs no decoding (the
+        // decoder reports the other limits first, in its own order).
+        let header = decode::header_dimensions(bytes).filter(|&(w, h)| {
+            w > 0 && h > 0 && u64::from(w) * u64::from(h) <= self.limits.max_pixels && bytes.len() <= self.limits.max_bytes
+        });
+        if let Some((width, height)) = header {
+            self.check_resized(width as usize, height as usize)?;
+        }
         let img = decode(bytes, &self.limits)?;
         let plane = pixels::to_plane(img, self.input.channels as usize);
         self.resize_and_crop(plane)
     }
 
     fn resize_and_crop(&self, plane: Plane) -> Result<Plane, PreprocessError> {
-        let size = self.input.resize.size as usize;
-        let (w, h) = resize::shorter_side_size(plane.width, plane.height, size);
-        // An extreme aspect ratio can make the resized image far larger than the original.
-        if w as u64 * h as u64 > self.limits.max_pixels {
-            return Err(PreprocessError::TooManyPixels {
-                width: w.min(u32::MAX as usize) as u32,
-                height: h.min(u32::MAX as usize) as u32,
-                limit: self.limits.max_pixels,
-            });
-        }
+        let (w, h) = self.check_resized(plane.width, plane.height)?;
         let resized = resize::resize_bilinear(plane, w, h);
         Ok(resize::center_crop(
             &resized,
             self.input.crop.width as usize,
             self.input.crop.height as usize,
         ))
+    }
+}
+
+impl Preprocessor {
+    /// The resized size, unless an extreme aspect ratio makes it far larger than the original;
+    /// the error names the original size, the one the client knows.
+    fn check_resized(&self, width: usize, height: usize) -> Result<(usize, usize), PreprocessError> {
+        let size = self.input.resize.size as usize;
+        let (w, h) = resize::shorter_side_size(width, height, size);
+        if (w as u64).saturating_mul(h as u64) > self.limits.max_pixels {
+            return Err(PreprocessError::ResizedTooLarge {
+                width: width.min(u32::MAX as usize) as u32,
+                height: height.min(u32::MAX as usize) as u32,
+                resized_width: w as u64,
+                resized_height: h as u64,
+                limit: self.limits.max_pixels,
+            });
+        }
+        Ok((w, h))
     }
 }
 

@@ -154,6 +154,7 @@ pub struct ServerConfig {
     pub thumbnails: bool,
     /// Serve the web page at `/` (`--no-ui` turns it off).
     pub ui: bool,
+    pub conn: swav::http::server::ConnLimits,
 }
 
 impl Default for ServerConfig {
@@ -170,6 +171,7 @@ impl Default for ServerConfig {
             index: None,
             thumbnails: true,
             ui: true,
+            conn: swav::http::server::ConnLimits::default(),
         }
     }
 }
@@ -201,11 +203,10 @@ pub async fn start_in_process(bundle: &Bundle, runner: Arc<dyn BatchRunner>, cfg
     let app = swav::http::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
+        let _ = swav::http::server::serve(listener, app, cfg.conn, async move {
+            let _ = rx.await;
+        })
+        .await;
     });
     InProcess {
         base: format!("http://{addr}"),

@@ -1,0 +1,563 @@
+//! Hostile and careless clients: memory bounded per request and in total, metric labels from
+//! a closed set, connections closed on their timeouts and limit, and the small framing, auth and
+//! validation rules. Memory is read from `/proc` of a `swav serve` child process.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{InProcess, ServerConfig, Spawned, call};
+use serde_json::{Value, json};
+use swav::engine::batcher::BatcherConfig;
+use swav::http::RequestLimits;
+use swav::http::server::ConnLimits;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn model() -> String {
+    common::gray_bundle().dir.display().to_string()
+}
+
+/// A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM).
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("KiB value")
+}
+
+fn addr(base: &str) -> String {
+    base.strip_prefix("http://").expect("http base").to_string()
+}
+
+/// Sends raw bytes on a fresh connection and reads the response (until close or 2 s).
+fn raw(base: &str, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr(base)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    // The server may answer and close before it has read everything.
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn json_tail(response: &str) -> Value {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not a JSON body ({e}): {response:?}"))
+}
+
+/// How long until the server closes this connection (None if still open at `limit`).
+fn closed_after(mut s: &TcpStream, started: Instant, limit: Duration) -> Option<Duration> {
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = limit.checked_sub(started.elapsed())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                if started.elapsed() >= limit {
+                    return None;
+                }
+            }
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+}
+
+fn health_ms(base: &str) -> f64 {
+    let started = Instant::now();
+    let resp = raw(base, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+fn p99(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+// ---------------------------------------------------------------- memory
+
+#[test]
+fn json_bodies_cost_a_small_multiple_of_their_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = dir.path().display().to_string();
+    let server = Spawned::start(&["--model", &model(), "--index", &index]);
+    server.wait_ready();
+    let pid = server.child.id();
+    let client = reqwest::blocking::Client::new();
+    let _ = client.get(format!("{}/metrics", server.base)).send();
+    let before = proc_kib(pid, "VmHWM");
+    // 16 MiB each: tiny objects as items, empty strings as images, and unknown deep keys.
+    let n = 16 << 20;
+    let tiny_items = format!("{{\"items\":[{}{{\"a\":0}}]}}", "{\"a\":0},".repeat(n / 8));
+    let empty_images = format!("{{\"images\":[{}\"\"]}}", "\"\",".repeat(n / 3));
+    let ignored = format!("{{\"other\":[{}{{}}],\"images\":[\"\"]}}", "{},".repeat(n / 3));
+    for (route, body, status) in
+        [("/v1/items", &tiny_items, 422), ("/v1/embed", &empty_images, 413), ("/v1/search", &empty_images, 413), ("/v1/embed", &ignored, 400)]
+    {
+        let resp = client.post(format!("{}{route}", server.base)).header("content-type", "application/json").body(body.clone()).send();
+        let resp = resp.expect("answered");
+        assert_eq!(resp.status().as_u16(), status, "{route}: {}", resp.text().unwrap_or_default());
+    }
+    let grew_mib = (proc_kib(pid, "VmHWM").saturating_sub(before)) as f64 / 1024.0;
+    // The body itself is held once (16 MiB) and hyper's buffers once more; a JSON tree of it
+    // took over 1 GiB.
+    assert!(grew_mib < 64.0, "peak RSS grew by {grew_mib:.0} MiB for 16 MiB bodies");
+}
+
+#[test]
+fn metadata_at_the_limit_is_stored_as_its_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = dir.path().display().to_string();
+    let png = b64(&common::gray_png(28, 28, 1));
+    // An array of small objects: the worst case for a JSON tree (~170× its text).
+    let meta_of = |i: usize| {
+        let mut s = format!("[{{\"n\":{i}}}");
+        while s.len() < 64 * 1024 - 16 {
+            s.push_str(",{\"a\":1}");
+        }
+        s.push(']');
+        s
+    };
+    let items: Vec<Value> = (0..40)
+        .map(|i| json!({"id": format!("m{i}"), "image": png, "metadata": serde_json::from_str::<Value>(&meta_of(i)).expect("json")}))
+        .collect();
+    let rss_mib = |pid| proc_kib(pid, "VmRSS") as f64 / 1024.0;
+    let grew = {
+        let server = Spawned::start(&["--model", &model(), "--index", &index]);
+        server.wait_ready();
+        let client = reqwest::blocking::Client::new();
+        let before = rss_mib(server.child.id());
+        for chunk in items.chunks(20) {
+            let resp = client.post(format!("{}/v1/items", server.base)).json(&json!({"items": chunk})).send().expect("add");
+            assert_eq!(resp.status(), 200, "{}", resp.text().unwrap_or_default());
+        }
+        let got: Value = client.get(format!("{}/v1/items/m7", server.base)).send().expect("get").json().expect("json");
+        assert_eq!(got["metadata"], serde_json::from_str::<Value>(&meta_of(7)).expect("json"));
+        let over = json!({"items": [{"id": "big", "image": png, "metadata": "x".repeat(64 * 1024)}]});
+        let resp = client.post(format!("{}/v1/items", server.base)).json(&over).send().expect("over");
+        assert_eq!(resp.status(), 413);
+        let body: Value = resp.json().expect("json");
+        assert_eq!(body["error"]["code"], "metadata_too_large");
+        rss_mib(server.child.id()) - before
+    };
+    // 40 × 64 KiB = 2.5 MiB of text; as trees they took over 400 MiB.
+    assert!(grew < 40.0, "RSS grew by {grew:.0} MiB storing 2.5 MiB of metadata");
+    let server = Spawned::start(&["--model", &model(), "--index", &index]);
+    server.wait_ready();
+    let empty_dir = tempfile::tempdir().expect("tempdir");
+    let empty = Spawned::start(&["--model", &model(), "--index", &empty_dir.path().display().to_string()]);
+    empty.wait_ready();
+    let (loaded, fresh) = (rss_mib(server.child.id()), rss_mib(empty.child.id()));
+    assert!(loaded - fresh < 40.0, "after a restart: {loaded:.0} MiB against {fresh:.0} MiB with an empty index");
+    let got: Value = reqwest::blocking::get(format!("{}/v1/items/m39", server.base)).expect("get").json().expect("json");
+    assert_eq!(got["metadata"], serde_json::from_str::<Value>(&meta_of(39)).expect("json"));
+}
+
+async fn server(cfg: ServerConfig) -> InProcess {
+    let bundle = common::gray_bundle();
+    common::start_in_process(&bundle, common::engine(&bundle), cfg).await
+}
+
+async fn index_server(dir: &std::path::Path, cfg: ServerConfig) -> InProcess {
+    let index = common::open_index(dir, &common::gray_bundle());
+    server(ServerConfig { index: Some(index), ..cfg }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_do_not_grow_the_metrics() {
+    let srv = server(ServerConfig::default()).await;
+    let base = srv.base.clone();
+    let send = move |from: usize, to: usize| {
+        let mut s = TcpStream::connect(addr(&base)).expect("connect");
+        let mut reader = s.try_clone().expect("clone");
+        let answers = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = reader.read_to_string(&mut out);
+            out
+        });
+        for i in from..to {
+            s.write_all(format!("MADEUP{i} /health HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).expect("write");
+        }
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+        let out = answers.join().expect("reader");
+        assert_eq!(out.matches("HTTP/1.1 405").count(), to - from, "every made-up method is 405");
+    };
+    let metrics = || srv.state.metrics.render();
+    let s1 = send.clone();
+    tokio::task::spawn_blocking(move || s1(0, 1)).await.expect("join");
+    let (before, before_lines) = (metrics().len(), metrics().lines().count());
+    tokio::task::spawn_blocking(move || send(1, 2001)).await.expect("join");
+    let text = metrics();
+    let other: Vec<&str> = text.lines().filter(|l| l.contains("method=\"other\"")).collect();
+    assert!(other.len() == 1 && other[0].ends_with(" 2001"), "one series counts them all: {other:?}");
+    // No new series: only the digits of counts change (1 -> 2001 in the counter and histogram).
+    assert_eq!(text.lines().count(), before_lines, "no new lines in /metrics");
+    assert!(text.len() - before < 100, "/metrics grew from {before} to {} bytes", text.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_flight_share_one_byte_budget() {
+    let limits = RequestLimits { max_body_bytes: 1 << 20, max_inflight_bytes: 1 << 20, ..RequestLimits::default() };
+    let srv = server(ServerConfig { limits, ..ServerConfig::default() }).await;
+    let base = srv.base.clone();
+    // Holds 600 KB of the budget: headers declare it, the body never comes.
+    let mut held = TcpStream::connect(addr(&base)).expect("connect");
+    held.write_all(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 600000\r\n\r\n").expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = reqwest::Client::new();
+    let png = common::gray_png(28, 28, 1);
+    let req = client.post(format!("{base}/v1/embed")).header("content-type", "application/octet-stream").body(vec![0u8; 500_000]);
+    let resp = req.send().await.expect("send");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body: Value = resp.json().await.expect("json");
+    common::check_response(&common::openapi(), "/v1/embed", "post", 503, &body);
+    assert_eq!(body["error"]["code"], "server_busy");
+    // A small one still fits; and once the held request is gone, the large one does too.
+    let (status, _) = call(client.post(format!("{base}/v1/embed")).header("content-type", "image/png").body(png.clone()), "/v1/embed", "post").await;
+    assert_eq!(status, 200);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = client.post(format!("{base}/v1/embed")).header("content-type", "image/png").body(vec![0u8; 500_000]).send().await.expect("send");
+    assert_eq!(resp.status(), 400, "admitted, then refused as an image");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_refused_before_the_body() {
+    let limits = RequestLimits { max_body_bytes: 1 << 20, ..RequestLimits::default() };
+    let srv = server(ServerConfig { limits, ..ServerConfig::default() }).await;
+    let base = srv.base.clone();
+    let started = Instant::now();
+    let resp = tokio::task::spawn_blocking(move || {
+        raw(&base, b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000000000\r\n\r\n")
+    })
+    .await
+    .expect("join");
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a read timeout");
+    let body = json_tail(&resp);
+    assert_eq!(body["error"]["code"], "body_too_large");
+    assert!(body["error"]["message"].as_str().expect("message").contains("5000000000"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_framed_twice_is_refused() {
+    let srv = server(ServerConfig::default()).await;
+    let base = srv.base.clone();
+    let png = common::gray_png(28, 28, 1);
+    let (both, chunked) = tokio::task::spawn_blocking(move || {
+        let both = raw(&base, b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\ncontent-length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        let mut one = format!("POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n", png.len()).into_bytes();
+        one.extend_from_slice(&png);
+        one.extend_from_slice(b"\r\n0\r\n\r\n");
+        (both, raw(&base, &one))
+    })
+    .await
+    .expect("join");
+    assert!(both.starts_with("HTTP/1.1 400"), "{both:?}");
+    assert_eq!(json_tail(&both)["error"]["code"], "ambiguous_framing");
+    assert!(chunked.starts_with("HTTP/1.1 200"), "chunked alone is fine: {chunked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_raised_below_the_app_have_json_bodies() {
+    let srv = server(ServerConfig::default()).await;
+    let base = srv.base.clone();
+    let cases = tokio::task::spawn_blocking(move || {
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+        let many_headers = format!("GET /health HTTP/1.1\r\n{}\r\n", (0..200).map(|i| format!("X-{i}: v\r\n")).collect::<String>());
+        [
+            (raw(&base, long_uri.as_bytes()), 414, "uri_too_long"),
+            (raw(&base, many_headers.as_bytes()), 431, "headers_too_large"),
+            (raw(&base, b"GET /he llo HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "malformed_request"),
+            (raw(&base, b"GET /\x01 HTTP/1.1\r\n\r\n"), 400, "malformed_request"),
+        ]
+    })
+    .await
+    .expect("join");
+    for (resp, status, code) in cases {
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{status}: {resp:?}");
+        assert!(resp.to_ascii_lowercase().contains("content-type: application/json"), "{resp:?}");
+        assert_eq!(json_tail(&resp)["error"]["code"], code, "{resp:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_401s_say_what_is_wrong() {
+    let srv = server(ServerConfig { api_key: Some("k3y".into()), ..ServerConfig::default() }).await;
+    let client = reqwest::Client::new();
+    let get = |auth: Option<&'static str>| {
+        let req = client.get(format!("{}/v1/model", srv.base));
+        match auth {
+            Some(a) => req.header("authorization", a),
+            None => req,
+        }
+    };
+    for ok in ["bearer k3y", "BEARER k3y", "Bearer   k3y"] {
+        let (status, _) = call(get(Some(ok)), "/v1/model", "get").await;
+        assert_eq!(status, 200, "{ok}");
+    }
+    for (auth, says) in [(None, "missing API key"), (Some("Basic azN5"), "Bearer scheme"), (Some("bearer nope"), "invalid API key")] {
+        let (status, body) = call(get(auth), "/v1/model", "get").await;
+        assert_eq!(status, 401);
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(says), "{auth:?}: {message}");
+    }
+}
+
+#[test]
+fn an_empty_api_key_is_a_start_up_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_swav"))
+        .args(["serve", "--model", &model(), "--listen", "127.0.0.1:0", "--api-key", ""])
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "an empty key must not silently disable auth");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-key (SWAV_API_KEY) is empty"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_rules_unknown_clusters_and_extreme_vectors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = index_server(dir.path(), ServerConfig::default()).await;
+    let client = reqwest::Client::new();
+    let png = common::gray_png(28, 28, 3);
+    let items = json!({"items": [{"id": "a", "image": b64(&png)}]});
+    let (status, _) = call(client.post(format!("{}/v1/items", srv.base)).json(&items), "/v1/items", "post").await;
+    assert_eq!(status, 200);
+    let k = srv.state.model.manifest.num_prototypes;
+    let dim = srv.state.model.manifest.outputs.embedding.dim;
+    let search = |query: String, body: Value| client.post(format!("{}/v1/search{query}", srv.base)).json(&body);
+    let (status, body) = call(search(format!("?cluster={k}"), json!({"vector": vec![1.0; dim]})), "/v1/search", "post").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("cluster_not_found")), "{body}");
+    for magnitude in [1e30f32, 1e-30] {
+        let (status, body) = call(search(String::new(), json!({"vector": vec![magnitude; dim]})), "/v1/search", "post").await;
+        assert_eq!(status, 200, "{magnitude}: {body}");
+        assert_eq!(body["results"][0][0]["id"], "a");
+    }
+    let (status, body) = call(search(String::new(), json!({"vector": vec![0.5; dim + 1]})), "/v1/search", "post").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("invalid_request")), "{body}");
+    let (status, _) = call(search(String::new(), json!({"id": "a", "extra": 1})), "/v1/search", "post").await;
+    assert_eq!(status, 422, "one key only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_with_nothing_to_compact_does_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = index_server(dir.path(), ServerConfig::default()).await;
+    let client = reqwest::Client::new();
+    let items = json!({"items": [{"id": "a", "image": b64(&common::gray_png(28, 28, 3))}]});
+    let (status, _) = call(client.post(format!("{}/v1/items", srv.base)).json(&items), "/v1/items", "post").await;
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        let (status, report) = call(client.post(format!("{}/v1/index/compact", srv.base)), "/v1/index/compact", "post").await;
+        assert_eq!((status, report["items"].as_u64(), report["tombstones_removed"].as_u64()), (200, Some(1), Some(0)));
+    }
+    let (_, stats) = call(client.get(format!("{}/v1/index", srv.base)), "/v1/index", "get").await;
+    assert_eq!((stats["compactions"].as_u64(), stats["snapshots"].as_u64()), (Some(0), Some(0)), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_parts_are_counted_as_they_arrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = RequestLimits { max_images: 4, ..RequestLimits::default() };
+    let srv = index_server(dir.path(), ServerConfig { limits, ..ServerConfig::default() }).await;
+    let base = srv.base.clone();
+    let resp = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr(&base)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let head = "POST /v1/items HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XX\r\nTransfer-Encoding: chunked\r\n\r\n";
+        s.write_all(head.as_bytes()).expect("head");
+        // Five parts, and the body left open: the fifth must be refused without waiting.
+        let parts: String = (0..5).map(|i| format!("--XX\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{i}\"\r\n\r\nabc\r\n")).collect();
+        s.write_all(format!("{:x}\r\n{parts}\r\n", parts.len()).as_bytes()).expect("parts");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).expect("a response before the body ends");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .expect("join");
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp:?}");
+    assert_eq!(json_tail(&resp)["error"]["code"], "too_many_images");
+}
+
+/// A request whose images the queue cannot all take is refused before any is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_admitted_by_images_before_decoding() {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::from_millis(600));
+    let cfg = ServerConfig {
+        // The delay lets the first request's four images make one batch.
+        batcher: BatcherConfig { max_batch_size: 4, max_delay: Duration::from_millis(100), queue_capacity: 8 },
+        ..ServerConfig::default()
+    };
+    let srv = common::start_in_process(&bundle, runner, cfg).await;
+    let images = |n: u32| json!({"images": (0..n).map(|i| b64(&common::gray_png(28, 28, i))).collect::<Vec<_>>()});
+    let client = reqwest::Client::new();
+    let post = |body: Value| client.post(format!("{}/v1/embed", srv.base)).json(&body).send();
+    // 4 images run (one batch), 6 more wait: 2 places are left in the queue.
+    let running = tokio::spawn(post(images(4)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waiting = tokio::spawn(post(images(6)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let decoded = srv.state.metrics.images_decoded.get();
+    assert_eq!(decoded, 10);
+    let resp = post(images(3)).await.expect("answered");
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(srv.state.metrics.images_decoded.get(), decoded, "a refused request decodes nothing");
+    let resp = post(images(2)).await.expect("answered");
+    assert_eq!(resp.status(), 200, "two still fit");
+    assert_eq!(running.await.expect("join").expect("answered").status(), 200);
+    assert_eq!(waiting.await.expect("join").expect("answered").status(), 200);
+}
+
+// ---------------------------------------------------------------- connections
+
+fn serve_with(extra: &[&str]) -> Spawned {
+    let model = model();
+    let mut args = vec!["--model", model.as_str()];
+    args.extend_from_slice(extra);
+    let server = Spawned::start(&args);
+    server.wait_ready();
+    server
+}
+
+#[test]
+fn idle_and_half_sent_connections_are_closed_on_their_timeouts() {
+    let server = serve_with(&["--header-timeout-s", "1", "--idle-timeout-s", "2"]);
+    let started = Instant::now();
+    let connect = || TcpStream::connect(addr(&server.base)).expect("connect");
+    let mut idle = connect();
+    let mut half = connect();
+    half.write_all(b"GET /health HT").expect("write");
+    let mut kept = connect();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut buf = [0u8; 512];
+    kept.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    assert!(kept.read(&mut buf).expect("response") > 0);
+    let limit = Duration::from_secs(5);
+    let half_closed = closed_after(&mut half, started, limit).expect("half-sent connection closed");
+    let idle_closed = closed_after(&mut idle, started, limit).expect("idle connection closed");
+    let kept_closed = closed_after(&mut kept, started, limit).expect("keep-alive connection closed");
+    let within = |d: Duration, lo: f64, hi: f64| (lo..hi).contains(&d.as_secs_f64());
+    assert!(within(half_closed, 0.9, 1.8), "half-sent closed after {half_closed:?} (header timeout 1 s)");
+    assert!(within(idle_closed, 1.9, 3.0), "idle closed after {idle_closed:?} (idle timeout 2 s)");
+    assert!(within(kept_closed, 1.9, 3.0), "idle keep-alive closed after {kept_closed:?}");
+}
+
+#[test]
+fn slow_header_senders_do_not_keep_others_out() {
+    let server = serve_with(&["--header-timeout-s", "2"]);
+    // The same probes first without the slow clients: on a shared machine the scheduler alone
+    // can cost tens of milliseconds.
+    let alone = p99((0..40).map(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        health_ms(&server.base)
+    }).collect());
+    let slow: Vec<TcpStream> = (0..500).map(|_| TcpStream::connect(addr(&server.base)).expect("connect")).collect();
+    let request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    // One byte a second, from 0 s: the 2 s header timeout ends them all.
+    for (second, byte) in request.iter().enumerate().take(2) {
+        for mut s in &slow {
+            let _ = s.write_all(&[*byte]);
+        }
+        let tick = started + Duration::from_secs(second as u64 + 1);
+        while Instant::now() < tick {
+            latencies.push(health_ms(&server.base));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if second == 0 {
+            let early = slow.iter().take(20).filter(|s| closed_after(s, Instant::now(), Duration::from_millis(5)).is_some()).count();
+            assert_eq!(early, 0, "closed before the header timeout");
+        }
+    }
+    let worst = p99(latencies.clone());
+    eprintln!("/health p99 {worst:.1} ms with 500 slow clients, {alone:.1} ms without ({} probes)", latencies.len());
+    assert!(worst < 50.0 || worst < 2.0 * alone, "/health p99 {worst:.1} ms with 500 slow clients, {alone:.1} ms without");
+    let closed: Vec<Duration> = slow.iter().filter_map(|s| closed_after(s, started, Duration::from_secs(4))).collect();
+    assert_eq!(closed.len(), 500, "every slow client is closed after the header timeout");
+    let last = closed.iter().max().expect("some");
+    assert!(*last >= Duration::from_millis(1900), "closed after {last:?}");
+}
+
+#[test]
+fn the_connection_limit_holds_and_health_still_answers() {
+    let server = serve_with(&["--max-connections", "20"]);
+    let pid = server.child.id();
+    let sockets = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds").flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+        .count();
+    std::thread::sleep(Duration::from_millis(200));
+    let listening = sockets();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..60 {
+        let mut s = TcpStream::connect(addr(&server.base)).expect("connect");
+        if i % 2 == 0 {
+            s.write_all(b"GET /hea").expect("half a request");
+        }
+        held.push(s);
+        if i % 10 == 9 {
+            assert!(health_ms(&server.base) < 500.0);
+            std::thread::sleep(Duration::from_millis(100));
+            // The limit, plus at most the one connection being admitted.
+            let open = sockets() - listening;
+            assert!(open <= 21, "{open} connections open with --max-connections 20");
+        }
+    }
+    let started = Instant::now();
+    let closed = held.iter().filter(|s| closed_after(s, started, Duration::from_millis(300)).is_some()).count();
+    assert!(closed >= 40, "only {closed} of 60 held connections were displaced");
+}
+
+#[test]
+fn sigterm_with_idle_connections_exits_within_two_seconds() {
+    let mut server = serve_with(&[]);
+    let mut held = Vec::new();
+    for i in 0..50 {
+        let mut s = TcpStream::connect(addr(&server.base)).expect("connect");
+        match i % 3 {
+            0 => {}
+            1 => s.write_all(b"GET /health HTTP/1.1\r\nHo").expect("half"),
+            _ => {
+                s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+                let mut buf = [0u8; 512];
+                assert!(s.read(&mut buf).expect("response") > 0);
+            }
+        }
+        held.push(s);
+    }
+    let started = Instant::now();
+    server.signal(libc::SIGTERM);
+    let exit = loop {
+        if let Some(s) = server.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "still running 2 s after SIGTERM with idle connections");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_servers_use_the_same_connection_rules() {
+    let conn = ConnLimits { max_connections: 4, header_timeout: Duration::from_millis(300), idle_timeout: Duration::from_millis(300) };
+    let srv = server(ServerConfig { conn, ..ServerConfig::default() }).await;
+    let base = srv.base.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr(&base)).expect("connect");
+        closed_after(&mut s, Instant::now(), Duration::from_secs(3))
+    })
+    .await
+    .expect("join")
+    .expect("closed");
+    assert!(closed < Duration::from_secs(1), "{closed:?}");
+}
