@@ -26,8 +26,9 @@ ortlib = load("ortlib", REPO / "scripts" / "ort" / "ortlib.py")
 test_summary = load("test_summary", REPO / "scripts" / "lib" / "test_summary.py")
 
 ENTRY_POINTS = ["scripts/setup", "scripts/setup-train", "scripts/install-ort", "scripts/serve",
-                "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", ".ci/run"]  # fmt: skip
-SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh", "benchmarks/quick_serve.sh", "benchmarks/ab_serve.sh"]
+                "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", "scripts/docker-local", ".ci/run"]  # fmt: skip
+SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh", "scripts/lib/apt.sh", "benchmarks/quick_serve.sh",
+                              "benchmarks/ab_serve.sh"]  # fmt: skip
 
 
 def test_shell_scripts_pass_shellcheck():
@@ -92,6 +93,29 @@ def test_extract_refuses_a_wheel_without_the_library(tmp_path):
     wheel = fake_wheel(tmp_path / "ort.whl", ["onnxruntime/__init__.py"])
     with pytest.raises(SystemExit, match="expected one"):
         ortlib.extract(wheel, tmp_path / "out")
+
+
+def test_extract_nvidia_flattens_the_cuda_wheels_libraries(tmp_path):
+    runtime = fake_wheel(tmp_path / "rt.whl", [
+        "nvidia/cu13/lib/libcudart.so.13",
+        "nvidia/cu13/include/cuda_runtime.h",
+        "nvidia/__init__.py",
+    ])  # fmt: skip
+    cudnn = fake_wheel(tmp_path / "cudnn.whl", ["nvidia/cudnn/lib/libcudnn.so.9", "nvidia/cudnn/lib/libcudnn_ops.so.9"])
+    written = ortlib.extract_nvidia([runtime, cudnn], tmp_path / "out")
+    assert sorted(p.name for p in written) == ["libcudart.so.13", "libcudnn.so.9", "libcudnn_ops.so.9"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
+    empty = fake_wheel(tmp_path / "empty.whl", ["nvidia/__init__.py"])
+    with pytest.raises(SystemExit, match="no nvidia"):
+        ortlib.extract_nvidia([empty], tmp_path / "out2")
+
+
+def test_install_ort_takes_cuda_libs_only_with_the_gpu_build(tmp_path):
+    result = subprocess.run(
+        [str(REPO / "scripts/install-ort"), "--cuda-libs", "--dest", str(tmp_path / "ort")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "--cuda-libs goes with --gpu" in result.stderr
 
 
 def test_install_ort_refuses_a_wheel_that_is_not_pinned(tmp_path):
