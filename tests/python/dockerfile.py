@@ -25,7 +25,9 @@ class Instruction:
 @dataclass
 class Stage:
     base: str
+    """The FROM image with ARG defaults filled in (as a build without --build-arg sees it)."""
     name: str | None
+    raw_base: str = ""
     instructions: list[Instruction] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[Instruction]:
@@ -63,13 +65,28 @@ def instructions(path: Path) -> list[Instruction]:
     return out
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM (those a FROM line may use), with their defaults."""
+    out: dict[str, str] = {}
+    for ins in instructions(path):
+        if ins.keyword == "FROM":
+            break
+        if ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            out[name.strip()] = default.strip()
+    return out
+
+
 def stages(path: Path) -> list[Stage]:
     result: list[Stage] = []
+    defaults = global_args(path)
     for ins in instructions(path):
         if ins.keyword == "FROM":
             match = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", ins.args, flags=re.IGNORECASE)
             assert match, f"{path}:{ins.line}: unreadable FROM {ins.args!r}"
-            result.append(Stage(match.group(1), match.group(2)))
+            raw = match.group(1)
+            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], raw)
+            result.append(Stage(base, match.group(2), raw_base=raw))
         elif result:
             result[-1].instructions.append(ins)
     return result

@@ -1,6 +1,6 @@
-"""The Docker files cannot be built here (no Docker engine), so these tests hold them to what can be
-checked without one: hadolint, the paths they copy, the runtime user, the health check, the compose
-file and the Prometheus configuration it mounts, and the swav flags and variables they rely on."""
+"""What can be checked of the Docker files without building them: hadolint, the paths they copy, the
+runtime user, the health check, the compose file and the Prometheus configuration it mounts, and the
+swav flags and variables they rely on. test_docker_run.py builds the images and runs them."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ import pytest
 import yaml
 
 from repo_tools import REPO, swav_bin, venv_tool  # noqa: F401 (swav_bin is a fixture)
-from dockerfile import copy_parts, instructions, stages
+from dockerfile import copy_parts, global_args, instructions, stages
 
 DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cuda"]
+PROMETHEUS_DOCKERFILE = "docker/Dockerfile.prometheus"
 COMPOSE = REPO / "docker" / "compose.yaml"
+# Made by scripts/docker-local, not committed: the binary of the "prebuilt" stage.
+STAGED = ".docker-local/"
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", DOCKERFILES + [PROMETHEUS_DOCKERFILE])
 def test_hadolint_finds_nothing(name):
     result = subprocess.run(
         [venv_tool("hadolint"), "--no-color", str(REPO / name)], capture_output=True, text=True, timeout=60
@@ -46,18 +49,27 @@ def test_every_copied_path_exists_and_reaches_the_build_context(name):
     patterns = dockerignore_patterns()
     checked = 0
     for stage in stages(REPO / name):
-        for ins in stage.all("COPY") + stage.all("ADD"):
-            options, sources, _ = copy_parts(ins)
-            if "from" in options:
-                continue
+        for ins in stage.all("COPY") + stage.all("ADD") + stage.all("RUN"):
+            if ins.keyword == "RUN":
+                # Bind mounts of the build context (the ort stage's scripts) need the same paths.
+                mounts = re.findall(r"--mount=type=bind,(\S+)", ins.args)
+                sources = [dict(kv.split("=", 1) for kv in m.split(","))["source"] for m in mounts]
+            else:
+                options, sources, _ = copy_parts(ins)
+                if "from" in options:
+                    continue
             for source in sources:
                 if source == ".":
                     continue
-                assert (REPO / source).exists(), f"{name}:{ins.line}: {source} does not exist in the repository"
                 pattern = ignored_by(source, patterns)
+                if source.startswith(STAGED):
+                    assert source in (REPO / "scripts" / "docker-local").read_text(), f"{name}:{ins.line}: {source}"
+                    assert pattern is None, f"{name}:{ins.line}: {source} is excluded by .dockerignore ({pattern})"
+                    continue
+                assert (REPO / source).exists(), f"{name}:{ins.line}: {source} does not exist in the repository"
                 assert pattern is None, f"{name}:{ins.line}: {source} is excluded by .dockerignore ({pattern})"
                 checked += 1
-    assert checked >= 4, f"{name}: expected the ort scripts and the model among its COPY sources"
+    assert checked >= 4, f"{name}: expected the ort scripts and the model among its sources"
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -72,11 +84,30 @@ def test_copy_from_names_an_earlier_stage(name):
             seen.add(stage.name)
 
 
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_binary_stage_is_chosen_by_an_argument_naming_a_stage(name):
+    """FROM ${SWAV_BINARY}: "compile" (Docker Hub's rust image) by default, "prebuilt" offline."""
+    by_name = {s.name: s for s in stages(REPO / name)}
+    assert by_name["binary"].raw_base == "${SWAV_BINARY}"
+    assert global_args(REPO / name)["SWAV_BINARY"] == "compile"
+    assert by_name["compile"].base.startswith("rust:") and by_name["compile"].raw_base == "${RUST_IMAGE}"
+    options, sources, dest = copy_parts(by_name["prebuilt"].all("COPY")[0])
+    assert sources == [STAGED + "swav"] and dest == "/usr/local/bin/swav"
+    assert "prebuilt" in (REPO / "scripts" / "docker-local").read_text()
+
+
+@pytest.mark.parametrize("name", DOCKERFILES + [PROMETHEUS_DOCKERFILE])
+def test_runtime_base_is_debian_bookworm_by_default_and_replaceable(name):
+    stage = stages(REPO / name)[-1]
+    assert stage.raw_base == "${BASE_IMAGE}" and stage.base == "debian:bookworm-slim"
+    assert not (REPO / name).read_text().startswith("# syntax="), "a syntax line pulls a frontend from Docker Hub"
+
+
 def runtime(name: str):
     return stages(REPO / name)[-1]
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", DOCKERFILES + [PROMETHEUS_DOCKERFILE])
 def test_runtime_runs_as_a_non_root_user(name):
     users = runtime(name).all("USER")
     assert users, f"{name}: the runtime stage has no USER, so it would run as root"
@@ -88,7 +119,8 @@ def test_runtime_runs_as_a_non_root_user(name):
 def test_healthcheck_asks_ready(name):
     checks = runtime(name).all("HEALTHCHECK")
     assert len(checks) == 1, f"{name}: expected one HEALTHCHECK in the runtime stage"
-    assert re.search(r"http://127\.0\.0\.1:8080/ready\b", checks[0].args), checks[0].args
+    # The port is SWAV_LISTEN's (8080 unless a host-network run moves it).
+    assert re.search(r"http://127\.0\.0\.1:\$\{SWAV_LISTEN##\*:\}/ready\b", checks[0].args), checks[0].args
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -106,13 +138,29 @@ def test_server_listens_on_the_exposed_port_with_the_copied_model_and_library(na
     assert stage.all("ENTRYPOINT")[-1].words() == ["swav"]
 
 
-def test_cuda_image_runs_on_cuda_with_the_gpu_library():
+def test_cuda_image_runs_on_cuda_with_the_gpu_library_and_the_cuda_wheels():
     stage = runtime("docker/Dockerfile.cuda")
-    assert stage.base.startswith("nvidia/cuda:13.") and "cudnn-runtime" in stage.base
-    assert stage.env()["SWAV_DEVICE"] == "cuda"
+    assert "nvidia/cuda" not in (REPO / "docker/Dockerfile.cuda").read_text().replace("no nvidia/cuda image", "")
+    assert stage.base == runtime("docker/Dockerfile").base
+    env = stage.env()
+    assert env["SWAV_DEVICE"] == "cuda"
+    # cuDNN opens its parts by name: the loader must search the directory they were unpacked into.
+    assert env["LD_LIBRARY_PATH"] == str(Path(env["SWAV_ORT_LIB"]).parent)
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     runs = " ".join(i.args for s in stages(REPO / "docker/Dockerfile.cuda") for i in s.all("RUN"))
-    assert "install-ort --gpu" in runs
+    assert "install-ort --gpu --cuda-libs" in runs
     assert runtime("docker/Dockerfile").env()["SWAV_DEVICE"] == "cpu"
+
+
+def test_cuda_wheels_are_what_onnxruntime_gpu_names_and_pinned_by_hash():
+    text = (REPO / "scripts/ort/cuda-libs.txt").read_text()
+    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+) \\\n\s+--hash=sha256:[0-9a-f]{64}$", text, flags=re.MULTILINE))
+    # onnxruntime-gpu 1.31.1's METADATA, extras cuda and cudnn, and what those wheels depend on.
+    assert set(pins) == {
+        "nvidia-cuda-runtime", "nvidia-cuda-nvrtc", "nvidia-cufft", "nvidia-curand", "nvidia-cudnn-cu13",
+        "nvidia-cublas", "nvidia-nvjitlink",
+    }
+    assert pins["nvidia-cuda-runtime"].startswith("13.0.") and pins["nvidia-cudnn-cu13"].startswith("9.")
 
 
 def test_compose_builds_the_cpu_image_and_keeps_data_on_a_named_volume():
@@ -125,7 +173,27 @@ def test_compose_builds_the_cpu_image_and_keeps_data_on_a_named_volume():
     assert volume in doc["volumes"], f"{volume} is not a declared named volume"
     assert runtime(swav["build"]["dockerfile"]).env()["SWAV_INDEX"].startswith(mount + "/")
     assert "${SWAV_API_KEY:?" in COMPOSE.read_text(), "compose must refuse to start without an API key"
-    assert all(port.startswith("127.0.0.1:") for s in doc["services"].values() for port in s.get("ports", []))
+
+
+def test_compose_uses_the_host_network_and_listens_on_loopback_only():
+    doc = yaml.safe_load(COMPOSE.read_text())
+    for name, service in doc["services"].items():
+        assert service["network_mode"] == "host", f"{name}: a bridge network is not allowed"
+        assert "ports" not in service, f"{name}: ports mean nothing on the host network"
+        assert service["build"]["network"] == "host", f"{name}: builds must use the host network too"
+    assert doc["services"]["swav"]["environment"]["SWAV_LISTEN"].startswith("127.0.0.1:${SWAV_PORT:-8080}")
+    assert "--web.listen-address=127.0.0.1:" in " ".join(doc["services"]["prometheus"]["command"])
+
+
+def test_compose_prometheus_is_built_from_debian_on_the_same_base():
+    doc = yaml.safe_load(COMPOSE.read_text())
+    prometheus = doc["services"]["prometheus"]
+    assert (COMPOSE.parent / prometheus["build"]["context"] / prometheus["build"]["dockerfile"]).resolve() == (
+        REPO / PROMETHEUS_DOCKERFILE
+    )
+    assert prometheus["build"]["args"]["BASE_IMAGE"] == doc["services"]["swav"]["build"]["args"]["BASE_IMAGE"]
+    runs = " ".join(i.args for i in runtime(PROMETHEUS_DOCKERFILE).all("RUN"))
+    assert "apt-get install -y --no-install-recommends prometheus" in runs
 
 
 def test_prometheus_scrapes_the_swav_service_metrics():
@@ -140,11 +208,7 @@ def test_prometheus_scrapes_the_swav_service_metrics():
     config = yaml.safe_load((COMPOSE.parent / config_host).read_text())
     job = config["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["swav:8080"]
-
-
-def swav_variables(text: str) -> set[str]:
-    return set(re.findall(r"\bSWAV_[A-Z_]+\b", text))
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
 
 
 def test_the_cli_knows_every_variable_the_images_and_compose_set(swav_bin):
@@ -154,9 +218,10 @@ def test_the_cli_knows_every_variable_the_images_and_compose_set(swav_bin):
     used = set()
     for name in DOCKERFILES:
         used |= set(runtime(name).env())
-    used |= swav_variables(COMPOSE.read_text())
+    used |= set(yaml.safe_load(COMPOSE.read_text())["services"]["swav"]["environment"])
     assert {"SWAV_MODEL", "SWAV_INDEX", "SWAV_LISTEN", "SWAV_API_KEY", "SWAV_ORT_LIB", "SWAV_DEVICE"} <= used
-    missing = sorted(v for v in used if v not in help_text)
+    # The others (LD_LIBRARY_PATH, NVIDIA_*) are for the loader and the container runtime.
+    missing = sorted(v for v in used if v.startswith("SWAV_") and v not in help_text)
     assert not missing, f"`swav serve --help` does not mention {missing}"
 
 
