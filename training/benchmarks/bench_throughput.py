@@ -53,14 +53,14 @@ def _run_ours(args, batches) -> float:
     import torch
 
     from swav_train.loss import SwAVLoss
-    from swav_train.model import SwAVModel
+    from swav_train.model import SwAVModel, to_channels_last
     from swav_train.optim import LARS
     from swav_train.train import train_step
 
     torch.manual_seed(0)
     model = SwAVModel("resnet18", args.width, 1, True, args.hidden, 128, args.prototypes).train()
     if args.channels_last:  # what train.py does with its default channels_last=True
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model, torch.device("cpu"))
         batches = [[c.contiguous(memory_format=torch.channels_last) for c in b] for b in batches]
     opt = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
     loss_fn = SwAVLoss(total_crops=6, crops_for_assign=(0, 1))

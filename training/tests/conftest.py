@@ -22,7 +22,8 @@ def tiny_config(**changes) -> config.TrainConfig:
         nmb_crops=(2, 2), size_crops=(16, 8), min_scale_crops=(0.3, 0.1), max_scale_crops=(1.0, 0.3),
         arch="resnet18", width=2, stem="small", hidden_mlp=16, feat_dim=8, nmb_prototypes=6,
         batch_size=8, epochs=2, warmup_epochs=1, base_lr=0.1, final_lr=0.001, freeze_prototypes_niters=1,
-        queue_length=0, num_workers=0, progress=False, evaluate=False, threads=1)
+        queue_length=0, num_workers=0, progress=False, evaluate=False, threads=1,
+        crash_guard=False)  # test_crash_guard.py and test_photos.py run the guard
     base.update(changes)
     return config.preset("imagenet").replace(**base)
 

@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from swav_train.data import DataError
     from swav_train.export import ExportError
+    from swav_train.guard import NativeCrashError, TrialStepError
     from swav_train.importers import CheckpointError
     from swav_train.train import NonFiniteLossError
 
@@ -267,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except NativeCrashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except TrialStepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, DataError, ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,6 +73,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest `value` over ranks; `value` itself in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return value
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

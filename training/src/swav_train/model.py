@@ -70,6 +70,45 @@ class ResNetTrunk(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
+# oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution in channels_last
+# overruns the heap when the input channels do not fill its 16-channel AVX-512 block (issue 20;
+# training/README.md, "Memory format on the CPU"). Such layers keep the contiguous format.
+_CPU_CHANNEL_BLOCK = 16
+
+
+def channels_last_unsafe_on_cpu(conv: nn.Module) -> bool:
+    """True for a convolution that must not run in channels_last on the CPU."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride != (1, 1)
+            and conv.in_channels % _CPU_CHANNEL_BLOCK != 0)
+
+
+def _to_contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def _to_channels_last_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous(memory_format=torch.channels_last)
+
+
+def to_channels_last(model: nn.Module, device: torch.device) -> list[str]:
+    """Put `model` (already on `device`) in the channels_last memory format, except, on the CPU,
+    the convolutions for which oneDNN's channels_last kernels are known to corrupt memory: those
+    keep contiguous weights and see contiguous inputs (their outputs go back to channels_last).
+    Returns the names of the layers kept contiguous."""
+    model.to(memory_format=torch.channels_last)
+    if device.type != "cpu":
+        return []
+    kept = []
+    for name, module in model.named_modules():
+        if channels_last_unsafe_on_cpu(module):
+            # .contiguous() would keep the strides: a 1x1 kernel counts as contiguous in both formats.
+            module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
+            module.register_forward_pre_hook(_to_contiguous_input)
+            module.register_forward_hook(_to_channels_last_output)
+            kept.append(name)
+    return kept
+
+
 class SwAVModel(nn.Module):
     """Backbone -> projection MLP (L2-normalised) -> prototypes.
 

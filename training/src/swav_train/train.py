@@ -21,13 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from swav_train import checkpoint, distributed
+from swav_train import checkpoint, distributed, guard
 from swav_train.augment import MultiCrop
 from swav_train.config import ConfigError, TrainConfig
 from swav_train.data import DataError, ImageFolderDataset, training_dataset
 from swav_train.distributed import DistContext
 from swav_train.loss import LossStats, SwAVLoss
-from swav_train.model import SwAVModel
+from swav_train.model import SwAVModel, to_channels_last
 from swav_train.optim import LARS, learning_rate
 from swav_train.queue import EmbeddingQueue
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that may change between a run and its resumption without changing what is learned.
-RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "evaluate", "eval_train_size",
+RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "crash_guard", "evaluate", "eval_train_size",
                      "eval_test_size", "eval_train_dir", "eval_test_dir", "name", "description", "fashion_mnist_dir",
                      "data_dir"}
 
@@ -204,6 +204,24 @@ def _check_eval_data(cfg: TrainConfig) -> None:
         raise DataError(f"{e}; the end-of-training evaluation needs it ({fix}, or --no-evaluate)") from None
 
 
+def _crash_guard(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
+    """The config to train with, after the trial step of `guard.check` on every rank; all ranks
+    agree on the memory format, and all stop when one cannot train."""
+    if not cfg.crash_guard:
+        return cfg
+    outcome, error = 0, None
+    try:
+        checked = guard.check(cfg, str(ctx.device))
+        outcome = 0 if checked == cfg else 1
+    except (guard.NativeCrashError, guard.TrialStepError) as e:
+        outcome, error = 2, e
+    outcome = distributed.all_reduce_max(outcome, ctx.device)
+    if outcome == 2:
+        raise error or guard.NativeCrashError(
+            "the trial step before training failed on another rank; its output says why")
+    return cfg.replace(channels_last=False) if outcome == 1 else cfg
+
+
 def _make_queue(cfg: TrainConfig, ctx: DistContext) -> EmbeddingQueue | None:
     length = cfg.effective_queue_length(ctx.world_size) // ctx.world_size
     if length <= 0:
@@ -252,11 +270,19 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
         raise DataError(f"{len(dataset)} training images are fewer than one batch "
                         f"({cfg.batch_size} x {ctx.world_size} rank(s)); lower --batch-size")
 
+    guarded = _crash_guard(cfg, ctx)
+    if guarded != cfg:
+        cfg = guarded
+        if ctx.is_main:
+            cfg.save(run_dir / "config.json")
     if ctx.distributed and cfg.sync_bn and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        kept = to_channels_last(model, ctx.device)
+        if kept and ctx.is_main:
+            log.info("channels_last, except %s (kept contiguous: oneDNN's CPU kernel corrupts memory there)",
+                     ", ".join(kept))
     optimizer = LARS(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                      trust_coefficient=cfg.trust_coefficient)
     autocast_dtype = resolve_precision(cfg.precision, ctx.device)
