@@ -214,3 +214,17 @@ fn train_launcher_forwards_arguments_and_exit_code() {
     std::fs::write(&fake, "#!/bin/sh\nexit 1\n").expect("write");
     fails_with(&["train", "--python", &fake.display().to_string(), "--epochs", "1"], &["cannot import swav_train", "scripts/setup-train"]);
 }
+
+#[test]
+fn train_launcher_explains_a_trainer_killed_by_a_signal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("python");
+    // Passes the import check, then dies as a native crash in PyTorch would: by SIGSEGV.
+    std::fs::write(&fake, "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then exit 0; fi\nkill -SEGV $$\n").expect("write");
+    std::process::Command::new("chmod").arg("+x").arg(&fake).status().expect("chmod");
+    let out = swav().args(["train"]).env("SWAV_PYTHON", &fake).args(["--epochs", "1"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(128 + 11), "128 + signal, as a shell reports it");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("died by signal 11 (SIGSEGV)"), "{stderr}");
+    assert!(stderr.contains("native crash") && stderr.contains("--no-channels-last"), "{stderr}");
+}

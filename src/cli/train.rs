@@ -104,6 +104,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .args(&python_args)
         .status()
         .with_context(|| format!("cannot run {}", python.display()))?;
+    if let Some(message) = signal_message(status, &python) {
+        eprintln!("error: {message}");
+    }
     Ok(exit_code(status))
 }
 
@@ -112,6 +115,47 @@ pub(super) fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// What to tell the user when the trainer died by a signal: Python prints nothing then (at most
+/// a faulthandler trace), so the launcher names the signal and the likely way out.
+fn signal_message(status: std::process::ExitStatus, python: &Path) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let signal = status.signal()?;
+    let name = signal_name(signal);
+    let what = format!("the trainer ({} -m swav_train) died by signal {signal} ({name})", python.display());
+    let hint = match signal {
+        libc::SIGSEGV | libc::SIGABRT | libc::SIGBUS | libc::SIGILL | libc::SIGFPE => {
+            "a native crash inside PyTorch or a library below it, not a Python error. With channels_last \
+             (the default) retry with `--no-channels-last` after `--`; keep the trainer's crash guard on \
+             (it runs one step in a child process first and switches or stops before a crash). Report the \
+             command and the output of `lscpu` if it happens again"
+        }
+        libc::SIGKILL => "often the kernel's out-of-memory killer (see `dmesg`): lower --batch-size or --num-workers",
+        libc::SIGINT | libc::SIGTERM | libc::SIGHUP => {
+            "it was stopped; the same command resumes from the run's last checkpoint"
+        }
+        _ => "the same command resumes from the run's last checkpoint",
+    };
+    Some(format!("{what}: {hint}"))
+}
+
+fn signal_name(signal: i32) -> String {
+    let known = [
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ];
+    known
+        .iter()
+        .find(|(number, _)| *number == signal)
+        .map_or_else(|| format!("signal {signal}"), |(_, name)| (*name).to_string())
 }
 
 #[cfg(test)]
@@ -142,6 +186,20 @@ mod tests {
             strings(args.python_args()),
             ["-m", "swav_train", "train", "--epochs", "3", "--data", "x y", "-v"]
         );
+    }
+
+    #[test]
+    fn a_signal_gets_its_name_and_a_way_out() {
+        use std::os::unix::process::ExitStatusExt;
+        let python = Path::new("/venv/bin/python");
+        let crashed = signal_message(std::process::ExitStatus::from_raw(libc::SIGSEGV), python).expect("message");
+        assert!(crashed.contains("died by signal 11 (SIGSEGV)"), "{crashed}");
+        assert!(crashed.contains("/venv/bin/python") && crashed.contains("--no-channels-last"), "{crashed}");
+        let killed = signal_message(std::process::ExitStatus::from_raw(libc::SIGKILL), python).expect("message");
+        assert!(killed.contains("signal 9 (SIGKILL)") && killed.contains("out-of-memory"), "{killed}");
+        assert_eq!(signal_name(64), "signal 64");
+        // exit status 3 (raw wait status 3 << 8): no signal, no message
+        assert!(signal_message(std::process::ExitStatus::from_raw(3 << 8), python).is_none());
     }
 
     #[test]
