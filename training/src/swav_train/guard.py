@@ -86,6 +86,7 @@ def _shape(cfg: TrainConfig) -> str:
 def check(cfg: TrainConfig, device: str) -> TrainConfig:
     """Run the trial step; returns the config to train with (channels_last switched off when only
     the contiguous format survives). Raises NativeCrashError or TrialStepError."""
+    log.info("crash guard: one trial step in a child process (%s, on %s)", _shape(cfg), device)
     trial = run_trial(cfg, device)
     if trial.returncode == 0:
         return cfg
