@@ -221,7 +221,7 @@ fn train_launcher_explains_a_trainer_killed_by_a_signal() {
     let fake = dir.path().join("python");
     // Passes the import check, then dies as a native crash in PyTorch would: by SIGSEGV.
     std::fs::write(&fake, "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then exit 0; fi\nkill -SEGV $$\n").expect("write");
-    std::process::Command::new("chmod").arg("+x").arg(&fake).status().expect("chmod");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let out = swav().args(["train"]).env("SWAV_PYTHON", &fake).args(["--epochs", "1"]).output().expect("run");
     assert_eq!(out.status.code(), Some(128 + 11), "128 + signal, as a shell reports it");
     let stderr = String::from_utf8_lossy(&out.stderr);
