@@ -64,12 +64,13 @@ pub struct ServeArgs {
     pub index: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub thumbnails: ThumbnailArgs,
-    /// Do not serve the web page at `/` (SWAV_UI=0 does the same).
-    #[arg(long)]
+    /// Do not serve the web page at `/`: the same as `--ui=false` (hidden from help so that
+    /// every listed flag keeps its env var; `--ui` carries it).
+    #[arg(long, hide = true)]
     pub no_ui: bool,
-    /// Serve the web page at `/` (the default); `--ui=false` is `--no-ui`.
+    /// Serve the web page at `/` (the default); `--ui=false`, `--no-ui` or SWAV_UI=0 turn it off.
     #[arg(long, env = "SWAV_UI", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set,
-          num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
+          num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub ui: bool,
     /// Most open client connections. At the limit a new connection displaces the oldest one
     /// with no request in progress; when every one is busy, new ones wait.
