@@ -1,8 +1,9 @@
 """The images built and run. scripts/docker-local makes the base images here from Debian's packages (no
 Docker Hub) and builds swav:cpu, swav:cuda and swav-prometheus:debian around the swav binary the
-other tests use; layers and images left by an earlier run are reused. Containers use the host's
-network (never a bridge) on free loopback ports. When no Docker engine answers, the tests start
-one (scripts/docker-local engine) and stop it at the end."""
+other tests use; the base, CPU and Prometheus images left by an earlier run are reused, the CUDA one
+is removed at the end (5 GB). Containers use the host's network (never a bridge) on free loopback
+ports. When no Docker engine answers, the tests start one (scripts/docker-local engine) and stop it
+at the end."""
 
 from __future__ import annotations
 
@@ -84,9 +85,12 @@ def cpu_image(docker, swav_bin) -> str:
 
 
 @pytest.fixture(scope="session")
-def cuda_image(docker, swav_bin) -> str:
+def cuda_image(docker, swav_bin) -> Iterator[str]:
     build(swav_bin, "cuda")
-    return "swav:cuda"
+    yield "swav:cuda"
+    # 5 GB with its build cache (2.5 GB of CUDA libraries twice) on a disk others share; the next
+    # run downloads the wheels again (about 2 minutes here).
+    docker_local("clean", "cuda", timeout=300)
 
 
 def free_port() -> int:
@@ -162,7 +166,8 @@ class Container:
         pytest.fail(f"not healthy after {timeout} s ({status}):\n{self.logs()}")
 
     def remove(self) -> None:
-        run_docker(self.docker, "rm", "-f", self.id, check=False)
+        # -v: the image's VOLUME gives a container run without -v an anonymous volume.
+        run_docker(self.docker, "rm", "-f", "-v", self.id, check=False)
 
 
 @pytest.fixture
