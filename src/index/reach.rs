@@ -1,6 +1,7 @@
 //! Search finds every stored item: deletes and re-adds of the same ids, with identical vectors
 //! among the tombstones, must not leave a live item that no search reaches (issue 21), and the
-//! graph keeps its shape (every live node reachable on level 0, lists within their caps)
+//! graph keeps its shape (every live node reachable on level 0, lists within their caps), also
+//! with many live copies of one vector,
 //! through random inserts, deletes and compaction.
 
 use std::path::Path;
@@ -153,4 +154,23 @@ fn the_graph_keeps_its_shape_through_random_inserts_deletes_and_compaction() {
     drop(index);
     let index = open(dir.path());
     assert_all_findable(&index, "after compaction and a restart");
+}
+
+#[test]
+fn many_copies_of_one_vector_under_different_ids_are_all_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(24);
+    let index = open(dir.path());
+    background(&index, &mut rng, 300);
+    // Far more copies than a neighbour list holds (2M = 12 here).
+    let v = random_unit(&mut rng);
+    for i in 0..80 {
+        index.add(vec![item(&format!("copy{i}"), &v)]).unwrap();
+    }
+    index.check_graph().unwrap();
+    let hits = index.search(&v, 100, Some(200), None).unwrap();
+    assert_eq!(hits.iter().filter(|h| h.id.starts_with("copy")).count(), 80, "every copy must be found");
+    drop(index);
+    let index = open(dir.path());
+    index.check_graph().unwrap();
 }

@@ -12,6 +12,9 @@ use super::visited::{Visited, with_visited};
 pub(crate) const ABSENT: u8 = u8::MAX;
 /// Levels above this are never drawn at any size we serve (P ≈ M^-16).
 pub(crate) const MAX_LEVEL: u8 = 15;
+/// Cosine distance below which two unit vectors count as copies of one another (rounding of
+/// `1 - dot` on identical vectors stays far below it; distinct embeddings stay far above).
+const COPY_DISTANCE: f32 = 1e-6;
 
 /// A node and its distance to the query, ordered by distance.
 #[derive(Clone, Copy, Debug)]
@@ -28,15 +31,15 @@ impl Scored {
         Scored { dist: self.dist.max(0.0), node: self.node }
     }
 
-    /// Ordered as (distance, node); only for clamped distances.
+    /// Ordered as `Ord` orders them; only for clamped distances.
     #[inline]
     fn key(self) -> u64 {
-        ((self.dist.to_bits() as u64) << 32) | self.node as u64
+        ((self.dist.to_bits() as u64) << 32) | (u32::MAX - self.node) as u64
     }
 
     #[inline]
     fn from_key(key: u64) -> Scored {
-        Scored { dist: f32::from_bits((key >> 32) as u32), node: key as u32 }
+        Scored { dist: f32::from_bits((key >> 32) as u32), node: u32::MAX - key as u32 }
     }
 }
 
@@ -54,7 +57,9 @@ impl PartialOrd for Scored {
 impl Ord for Scored {
     fn cmp(&self, other: &Self) -> Ordering {
         // Distances are never NaN (unit vectors), so the plain comparison is a total order.
-        self.dist.partial_cmp(&other.dist).unwrap_or(Ordering::Equal).then(self.node.cmp(&other.node))
+        // At equal distance the newer node (higher slot) comes first, so that a new copy of a
+        // stored vector finds, and links to, the copies inserted just before it (see `select`).
+        self.dist.partial_cmp(&other.dist).unwrap_or(Ordering::Equal).then(other.node.cmp(&self.node))
     }
 }
 
@@ -268,13 +273,27 @@ impl Layers {
     /// the paper's neighbour-selection heuristic, which keeps links that point in different
     /// directions. `candidates` are sorted nearest first. `pending` is a node not stored yet,
     /// with its vector.
-    fn select(&self, candidates: &[Scored], m: usize, pending: Option<(u32, &[f32])>) -> Vec<u32> {
+    ///
+    /// Copies of the base's own vector (distance about 0) all pass that test and, where there
+    /// are more of them than a list holds, filled every copy's list with the same few: the
+    /// group became an island, and its newer members were reached by nothing. So copies take at
+    /// most half of the list, those nearest to `base` in slot number first: each copy links to
+    /// the copies inserted just before and after it, a chain that search walks, and the rest
+    /// of the list leads out of the group.
+    fn select(&self, candidates: &[Scored], m: usize, pending: Option<(u32, &[f32])>, base: u32) -> Vec<u32> {
         let vector = |n: u32| match pending {
             Some((p, v)) if p == n => v,
             _ => self.vector(n),
         };
         let mut kept: Vec<u32> = Vec::with_capacity(m);
-        for c in candidates {
+        // Candidates come nearest first, so the copies are a prefix (empty but for copies).
+        let n_copies = candidates.iter().take_while(|c| c.dist <= COPY_DISTANCE).count();
+        if n_copies > 0 {
+            let mut copies: Vec<u32> = candidates[..n_copies].iter().map(|c| c.node).collect();
+            copies.sort_unstable_by_key(|&n| (n.abs_diff(base), n));
+            kept.extend(copies.into_iter().take((m / 2).max(1)));
+        }
+        for c in &candidates[n_copies..] {
             if kept.len() >= m {
                 break;
             }
@@ -323,7 +342,7 @@ impl Layers {
             .chain(std::iter::once(Scored { dist: 1.0 - self.kernel.dot(base, q), node: new }))
             .collect();
         candidates.sort_unstable();
-        self.select(&candidates, cap, Some((new, q)))
+        self.select(&candidates, cap, Some((new, q)), node)
     }
 
     /// Finds the neighbours node `slot` (vector `q`, at `level`) should link to on each level,
@@ -340,7 +359,7 @@ impl Layers {
             start = found[0];
             // Links go to live nodes where there are any; retired ones only route.
             let live: Vec<Scored> = found.iter().copied().filter(|s| !self.is_retired(s.node)).collect();
-            links[lc] = self.select(if live.is_empty() { &found } else { &live }, self.m, None);
+            links[lc] = self.select(if live.is_empty() { &found } else { &live }, self.m, None, slot);
             for &n in &links[lc] {
                 let new = self.links_with(n, lc, slot, q);
                 reverse.push(ReverseLink { node: n, level: lc, seen: self.neighbours(n, lc).to_vec(), new });

@@ -110,6 +110,17 @@ impl Graph {
             l.make_room(slot as u32);
         }
         l.retired[slot] = true;
+        // Searches start at the entry point. A retired one keeps its lists as they were, and as
+        // its neighbours are retired too it can end up in a closed group of retired nodes: the
+        // entry moves to the live node on the highest level instead.
+        if l.entry.is_some_and(|(e, _)| e as usize == slot) {
+            let best = (0..l.slots())
+                .filter(|&n| l.levels[n] != layers::ABSENT && !l.retired[n])
+                .max_by_key(|&n| (l.levels[n], std::cmp::Reverse(n)));
+            if let Some(n) = best {
+                l.entry = Some((n as u32, l.levels[n]));
+            }
+        }
     }
 
     /// Checks the graph's shape: every list within its cap, no self-links, repeats or links to
