@@ -412,10 +412,29 @@ async fn requests_are_admitted_by_images_before_decoding() {
     assert_eq!(resp.status(), 429);
     assert!(resp.headers().contains_key("retry-after"));
     assert_eq!(srv.state.metrics.images_decoded.get(), decoded, "a refused request decodes nothing");
-    let resp = post(images(2)).await.expect("answered");
-    assert_eq!(resp.status(), 200, "two still fit");
     assert_eq!(running.await.expect("join").expect("answered").status(), 200);
     assert_eq!(waiting.await.expect("join").expect("answered").status(), 200);
+    assert_eq!(post(images(2)).await.expect("answered").status(), 200, "admitted again once there is room");
+}
+
+/// The exact rule, once a request's images are counted: all of them fit, or none is taken.
+#[test]
+fn the_batcher_admits_all_of_a_requests_images_or_none() {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::from_millis(10));
+    let config = BatcherConfig { max_batch_size: 4, max_delay: Duration::ZERO, queue_capacity: 8 };
+    let metrics = std::sync::Arc::new(swav::metrics::Metrics::new());
+    let batcher = swav::engine::batcher::Batcher::new(runner, 1, config, metrics.clone());
+    assert_eq!(batcher.typical_request(), 1);
+    let six = batcher.admit(6).expect("6 of 8");
+    assert_eq!(batcher.typical_request(), 2, "moving towards 6");
+    assert!(batcher.admit(3).is_err(), "3 more do not fit");
+    assert_eq!(metrics.overloaded.get(), 3, "counted by image");
+    assert!(batcher.check_room(3).is_err() && batcher.check_room(2).is_ok());
+    let two = batcher.admit(2).expect("2 more fit exactly");
+    drop(six);
+    assert!(batcher.admit(6).is_ok(), "room again once announced images are withdrawn");
+    drop(two);
 }
 
 // ---------------------------------------------------------------- connections

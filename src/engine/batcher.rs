@@ -11,7 +11,7 @@
 //! (measured: at one client, p50 latency 1.12 ms with the wait, against the Python peer's 0.85).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -80,6 +80,8 @@ pub struct Batcher {
     tx: Sender<Job>,
     /// Images announced but not queued yet (being read or decoded).
     incoming: Arc<AtomicUsize>,
+    /// 16 × the moving average of images per admitted request (see [`Batcher::typical_request`]).
+    typical_x16: AtomicU64,
     config: BatcherConfig,
     tensor_len: usize,
     workers: usize,
@@ -115,6 +117,7 @@ impl Batcher {
         Batcher {
             tx,
             incoming,
+            typical_x16: AtomicU64::new(16),
             config,
             tensor_len: runner.tensor_len(),
             workers,
@@ -143,6 +146,9 @@ impl Batcher {
     /// finds room for every image (the overload goes to whole requests, not to parts of them).
     pub fn admit(&self, n: usize) -> Result<Vec<Announced<'_>>, BatchError> {
         let capacity = self.config.queue_capacity;
+        // Weight 1/8 for the newest; concurrent updates may lose one, which a guess can afford.
+        let typical = self.typical_x16.load(Ordering::Relaxed);
+        self.typical_x16.store((typical * 7 + (n.min(capacity) as u64) * 16) / 8, Ordering::Relaxed);
         let mut announced = self.incoming.load(Ordering::Acquire);
         loop {
             if self.tx.len().saturating_add(announced).saturating_add(n) > capacity {
@@ -155,6 +161,25 @@ impl Batcher {
             }
         }
         Ok((0..n).map(|_| Announced { batcher: self }).collect())
+    }
+
+    /// Images in a recent request: a moving average over [`Batcher::admit`] calls, for callers
+    /// that must guess a request's size before reading it. At least 1.
+    pub fn typical_request(&self) -> usize {
+        (self.typical_x16.load(Ordering::Relaxed) as usize).div_ceil(16).max(1)
+    }
+
+    /// Refuses at once unless the queue has room for `n` more images now (capped at its whole
+    /// capacity). For callers that do not yet know how many images a request holds: checked
+    /// before its body is read, it makes a refusal under overload cost almost nothing.
+    pub fn check_room(&self, n: usize) -> Result<(), BatchError> {
+        let capacity = self.config.queue_capacity;
+        let taken = self.tx.len().saturating_add(self.incoming.load(Ordering::Acquire));
+        if taken.saturating_add(n.min(capacity)) > capacity {
+            self.metrics.overloaded.inc();
+            return Err(BatchError::Overloaded { capacity });
+        }
+        Ok(())
     }
 
     /// Queues one image tensor and waits for its outputs. Refuses at once when the queue is full.

@@ -63,8 +63,19 @@ pub async fn assign(
 
 /// Every image of the request through preprocess and the batcher, outputs in input order.
 pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOutput>, ApiError> {
+    room_for_a_request(state)?;
     let images = read_images(req, state.limits.max_images).await?;
     infer_images(state, images).await
+}
+
+/// Refuses before the body is read unless the queue could take a request of the size recent
+/// requests had. Under overload, clients that retry at once would otherwise have their bodies
+/// read and parsed only to be refused by [`infer_images`]; at 64 clients sending 64 images each
+/// that cost two thirds of the goodput (BENCHMARKS.md, "Overload"). Near a full queue this
+/// refuses some requests smaller than the recent ones that would have fitted.
+pub fn room_for_a_request(state: &AppState) -> Result<(), ApiError> {
+    let typical = state.batcher.typical_request().min(state.limits.max_images);
+    state.batcher.check_room(typical).map_err(ApiError::from)
 }
 
 /// Preprocesses and infers already-read images; the first failure fails the whole request and

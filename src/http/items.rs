@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::ApiError;
-use super::images::{infer_images, infer_images_with_thumbnails};
+use super::images::{infer_images, infer_images_with_thumbnails, room_for_a_request};
 use super::input::{decode_base64, decode_images, next_part, open_multipart, part_bytes, read_body, read_images, too_many};
 use super::json::{self, Caps};
 use crate::bundle::ClusterSource;
@@ -117,6 +117,7 @@ struct Upload {
 
 pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Json<AddResponse>, ApiError> {
     let h = handle(&state)?.clone();
+    room_for_a_request(&state)?;
     let uploads = match content_type(&req).as_str() {
         "application/json" => uploads_from_json(&state, req).await?,
         "multipart/form-data" => uploads_from_multipart(req, state.limits.max_images).await?,
@@ -338,6 +339,7 @@ pub async fn search(
 /// A search body is an image in any `/v1/embed` form, `{"vector": [...]}`, or `{"id": "..."}`.
 async fn read_queries(state: &AppState, h: &IndexHandle, req: Request) -> Result<Queries, ApiError> {
     if content_type(&req) != "application/json" {
+        room_for_a_request(state)?;
         let images = read_images(req, state.limits.max_images).await?;
         return Ok(Queries::Vectors(embed(state, images).await?));
     }
