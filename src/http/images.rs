@@ -75,7 +75,7 @@ pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOu
 /// refuses some requests smaller than the recent ones that would have fitted.
 pub fn room_for_a_request(state: &AppState) -> Result<(), ApiError> {
     let typical = state.batcher.typical_request().min(state.limits.max_images);
-    state.batcher.check_room(typical).map_err(ApiError::from)
+    state.batcher.check_room(typical).map_err(|e| ApiError::from(e).before_body())
 }
 
 /// Preprocesses and infers already-read images; the first failure fails the whole request and

@@ -7,7 +7,7 @@
 //! the budget the answer is 503 with Retry-After, at once and without reading the body.
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::body::HttpBody as _;
@@ -22,14 +22,12 @@ pub async fn admit_body(State(state): State<AppState>, req: Request, next: Next)
     let max = state.limits.max_body_bytes as u64;
     let hint = req.body().size_hint();
     if hint.lower() > max {
-        let mut response = ApiError::too_large(
+        return ApiError::too_large(
             "body_too_large",
             format!("the request body is {} bytes (Content-Length), over the limit of {max} bytes", hint.lower()),
         )
+        .before_body()
         .into_response();
-        // The body stays unread; the connection cannot carry another request after it.
-        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return response;
     }
     let reserve = hint.exact().unwrap_or(max);
     let permit = if reserve == 0 {
@@ -39,7 +37,7 @@ pub async fn admit_body(State(state): State<AppState>, req: Request, next: Next)
         match state.inflight_bytes.clone().try_acquire_many_owned(bytes) {
             Ok(p) => Some(p),
             Err(_) => {
-                let mut response = ApiError {
+                return ApiError {
                     retry_after: Some(RETRY_AFTER_SECS),
                     ..ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -47,9 +45,8 @@ pub async fn admit_body(State(state): State<AppState>, req: Request, next: Next)
                         "the server is reading as many request bytes as it holds at once; retry shortly",
                     )
                 }
+                .before_body()
                 .into_response();
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return response;
             }
         }
     };

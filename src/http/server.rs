@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use axum::http::{Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -263,13 +263,9 @@ async fn run_connection(shared: Arc<Shared>, conn: Arc<ConnState>, stream: TcpSt
             let ambiguous = conn.ambiguous_framing.swap(false, Ordering::AcqRel);
             async move {
                 let response = if ambiguous {
-                    let mut r = ApiError::bad_request(
-                        "ambiguous_framing",
-                        "the request has both Content-Length and Transfer-Encoding; send one",
-                    )
-                    .into_response();
-                    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    r
+                    ApiError::bad_request("ambiguous_framing", "the request has both Content-Length and Transfer-Encoding; send one")
+                        .before_body()
+                        .into_response()
                 } else {
                     app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e: Infallible| match e {})
                 };
@@ -444,9 +440,7 @@ fn json_error_for(written: &[u8]) -> Option<Vec<u8>> {
         ),
         _ => return None,
     };
-    let mut response = error.into_response();
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    Some(serialise(response))
+    Some(serialise(error.before_body().into_response()))
 }
 
 fn serialise(response: Response<Body>) -> Vec<u8> {
