@@ -276,9 +276,8 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), String> {
         let input = &self.input;
-        let is_hex = self.model_sha256.len() == 64 && self.model_sha256.chars().all(|c| c.is_ascii_hexdigit());
         let checks: [(bool, String); 11] = [
-            (is_hex, format!("model_sha256 must be 64 hex characters, got {:?}", self.model_sha256)),
+            (is_sha256_hex(&self.model_sha256), format!("model_sha256 must be 64 hex characters, got {:?}", self.model_sha256)),
             (
                 is_plain_file_name(&self.model_file),
                 format!("model_file {:?} must be a file name inside the bundle", self.model_file),
@@ -340,8 +339,7 @@ impl Manifest {
             return Err("outputs.prototype_scores needs outputs.projection, and excludes outputs.centroid_scores".into());
         }
         if let Some(data) = &self.model_data {
-            let hex = data.sha256.len() == 64 && data.sha256.chars().all(|c| c.is_ascii_hexdigit());
-            if !is_plain_file_name(&data.file) || data.file == self.model_file || !hex {
+            if !is_plain_file_name(&data.file) || data.file == self.model_file || !is_sha256_hex(&data.sha256) {
                 return Err(format!(
                     "model_data {data:?} needs a file name inside the bundle, other than model_file, and a 64-hex sha256"
                 ));
@@ -349,6 +347,11 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Whether `s` is written as a sha256 digest: 64 hex characters.
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// Lowercase hex sha256 of a file, streamed.
