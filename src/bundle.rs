@@ -338,12 +338,12 @@ impl Manifest {
         if o.prototype_scores.is_some() && (o.projection.is_none() || o.centroid_scores.is_some()) {
             return Err("outputs.prototype_scores needs outputs.projection, and excludes outputs.centroid_scores".into());
         }
-        if let Some(data) = &self.model_data {
-            if !is_plain_file_name(&data.file) || data.file == self.model_file || !is_sha256_hex(&data.sha256) {
-                return Err(format!(
-                    "model_data {data:?} needs a file name inside the bundle, other than model_file, and a 64-hex sha256"
-                ));
-            }
+        if let Some(data) = &self.model_data
+            && (!is_plain_file_name(&data.file) || data.file == self.model_file || !is_sha256_hex(&data.sha256))
+        {
+            return Err(format!(
+                "model_data {data:?} needs a file name inside the bundle, other than model_file, and a 64-hex sha256"
+            ));
         }
         Ok(())
     }

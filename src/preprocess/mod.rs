@@ -52,7 +52,7 @@ pub enum PreprocessError {
     TooManyBytes { got: usize, limit: usize },
     #[error("the image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels", pixels = *width as u64 * *height as u64)]
     TooManyPixels { width: u32, height: u32, limit: u64 },
-    #[error("the image is {width}x{height}; resized to the model's input it would be {resized_width}x{resized_height} = {pixels} pixels, over the limit of {limit} pixels", pixels = *resized_width as u64 * *resized_height as u64)]
+    #[error("the image is {width}x{height}; resized to the model's input it would be {resized_width}x{resized_height} = {pixels} pixels, over the limit of {limit} pixels", pixels = resized_width.saturating_mul(*resized_height))]
     ResizedTooLarge { width: u32, height: u32, resized_width: u64, resized_height: u64, limit: u64 },
     #[error("decoding the image would exceed the memory limit: {0}")]
     DecoderLimit(String),
