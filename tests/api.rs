@@ -468,6 +468,26 @@ fn openapi_is_valid_and_documents_every_route() {
     }
 }
 
+/// openapi.yaml's list of error codes is exactly `ErrorCode`'s: a code added, renamed or removed
+/// on one side only fails here.
+#[test]
+fn openapi_lists_exactly_the_error_codes() {
+    use std::collections::BTreeSet;
+    use strum::IntoEnumIterator;
+    use swav::http::error::ErrorCode;
+    let spec = common::openapi();
+    let listed = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+        .as_array()
+        .expect("the Error schema's code has an enum");
+    let spec_codes: BTreeSet<&str> = listed.iter().map(|v| v.as_str().expect("codes are strings")).collect();
+    assert_eq!(spec_codes.len(), listed.len(), "openapi.yaml lists a code twice");
+    let ours: BTreeSet<&str> = ErrorCode::iter().map(ErrorCode::as_str).collect();
+    let missing: Vec<_> = ours.difference(&spec_codes).collect();
+    let stale: Vec<_> = spec_codes.difference(&ours).collect();
+    assert!(missing.is_empty(), "codes the server answers that openapi.yaml does not list: {missing:?}");
+    assert!(stale.is_empty(), "codes openapi.yaml lists that the server never answers: {stale:?}");
+}
+
 /// Every documented operation is served (none answers 404 or 405).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_served() {

@@ -10,7 +10,7 @@ use futures::future::try_join_all;
 use serde::Deserialize;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::input::read_images;
 use super::responses::{self, AssignOptions, AssignResponse, EmbedResponse, OutputKind};
 use crate::engine::ImageOutput;
@@ -29,7 +29,7 @@ pub struct AssignQuery {
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::invalid_params(e.body_text()))
+    q.map(|Query(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
 }
 
 pub async fn embed(
@@ -38,7 +38,7 @@ pub async fn embed(
     req: Request,
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let q = query(q)?;
-    let kind = OutputKind::parse(q.output.as_deref()).map_err(ApiError::invalid_params)?;
+    let kind = OutputKind::parse(q.output.as_deref()).map_err(|m| ApiError::new(ErrorCode::InvalidParameters, m))?;
     if kind == OutputKind::Projection && state.model.manifest.outputs.projection.is_none() {
         return Err(ApiError::no_projection());
     }
@@ -56,7 +56,7 @@ pub async fn assign(
         return Err(ApiError::no_prototypes());
     }
     let options = AssignOptions::new(q.top_k, q.temperature, state.model.manifest.num_prototypes)
-        .map_err(ApiError::invalid_params)?;
+        .map_err(|m| ApiError::new(ErrorCode::InvalidParameters, m))?;
     let outputs = infer_request(&state, req).await?;
     Ok(Json(responses::assign_response(&state.model.manifest, options, &outputs)))
 }
@@ -130,7 +130,7 @@ async fn prepare(state: &AppState, index: usize, bytes: Bytes, thumbnail: bool) 
         }
         Err(e) => {
             metrics.images_rejected.with_label_values(&[e.code()]).inc();
-            Err(ApiError::from_preprocess(index, &e))
+            Err(ApiError::new(ErrorCode::from(&e), format!("image {index}: {e}")))
         }
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{StatusCode, header};
 use base64::Engine as _;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::json::{self, Caps, Text};
 
 const ACCEPTED: &str = "send image/* or application/octet-stream (one image), multipart/form-data (file parts) \
@@ -20,14 +20,15 @@ pub async fn read_images(req: Request, max_images: usize) -> Result<Vec<Bytes>, 
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     let images = match content_type.as_deref() {
-        None | Some("") => return Err(ApiError::unsupported_media_type(format!("missing Content-Type; {ACCEPTED}"))),
+        None | Some("") => return Err(ApiError::new(ErrorCode::UnsupportedMediaType, format!("missing Content-Type; {ACCEPTED}"))),
         Some("multipart/form-data") => read_multipart(req, max_images).await?,
         Some("application/json") => read_json(req, max_images).await?,
         Some(t) if t.starts_with("image/") || t == "application/octet-stream" => vec![read_body(req).await?],
         Some(other) => {
-            return Err(ApiError::unsupported_media_type(format!(
-                "Content-Type {other} is not accepted; {ACCEPTED}"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("Content-Type {other} is not accepted; {ACCEPTED}"),
+            ));
         }
     };
     if images.len() > max_images {
@@ -37,17 +38,17 @@ pub async fn read_images(req: Request, max_images: usize) -> Result<Vec<Bytes>, 
 }
 
 pub(super) fn too_many(got: usize, max: usize) -> ApiError {
-    ApiError::too_large(
-        "too_many_images",
+    ApiError::new(
+        ErrorCode::TooManyImages,
         format!("the request has {got} images, over the limit of {max} per request"),
     )
 }
 
 fn body_error(status: StatusCode, detail: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large("body_too_large", format!("the request body is over the size limit: {detail}"))
+        ApiError::new(ErrorCode::BodyTooLarge, format!("the request body is over the size limit: {detail}"))
     } else {
-        ApiError::bad_request("bad_body", format!("could not read the request body: {detail}"))
+        ApiError::new(ErrorCode::BadBody, format!("could not read the request body: {detail}"))
     }
 }
 
@@ -61,7 +62,7 @@ pub(super) async fn read_body(req: Request) -> Result<Bytes, ApiError> {
 pub(super) async fn open_multipart(req: Request) -> Result<Multipart, ApiError> {
     Multipart::from_request(req, &())
         .await
-        .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))
+        .map_err(|e| ApiError::new(ErrorCode::BadMultipart, e.body_text()))
 }
 
 /// The next part, or None after the last; a malformed body is 400 and an over-limit one 413.
@@ -91,8 +92,8 @@ async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<Bytes>, A
         images.push(part_bytes(field).await?);
     }
     if images.is_empty() {
-        return Err(ApiError::bad_request(
-            "no_images",
+        return Err(ApiError::new(
+            ErrorCode::NoImages,
             "the multipart body has no file parts (give each image a filename or an image/* content type)",
         ));
     }
@@ -103,7 +104,7 @@ fn multipart_error(status: StatusCode, detail: String) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         body_error(status, detail)
     } else {
-        ApiError::bad_request("bad_multipart", format!("malformed multipart body: {detail}"))
+        ApiError::new(ErrorCode::BadMultipart, format!("malformed multipart body: {detail}"))
     }
 }
 
@@ -118,8 +119,7 @@ async fn read_json(req: Request, max_images: usize) -> Result<Vec<Bytes>, ApiErr
 pub(super) fn decode_images(images: &[Text<'_>]) -> Result<Vec<Bytes>, ApiError> {
     if images.is_empty() {
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "\"images\" must hold at least one base64 image",
         ));
     }
@@ -127,7 +127,7 @@ pub(super) fn decode_images(images: &[Text<'_>]) -> Result<Vec<Bytes>, ApiError>
         .iter()
         .enumerate()
         .map(|(i, s)| decode_base64(&s.0).map(Bytes::from).map_err(|e| {
-            ApiError::bad_request("invalid_base64", format!("image {i}: not valid base64: {e}"))
+            ApiError::new(ErrorCode::InvalidBase64, format!("image {i}: not valid base64: {e}"))
         }))
         .collect()
 }

@@ -14,13 +14,13 @@ use prometheus::{Histogram, HistogramOpts};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::images::{infer_images, infer_images_with_thumbnails, room_for_a_request};
 use super::input::{decode_base64, decode_images, next_part, open_multipart, part_bytes, read_body, read_images, too_many};
 use super::json::{self, Caps};
 use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
-use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexError, IndexStats, Metadata, NewItem};
+use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexStats, Metadata, NewItem};
 use crate::metrics::Metrics;
 
 const DEFAULT_K: usize = 10;
@@ -56,32 +56,22 @@ impl IndexHandle {
 fn handle(state: &AppState) -> Result<&IndexHandle, ApiError> {
     state.index.as_deref().ok_or_else(|| {
         ApiError::new(
-            StatusCode::NOT_FOUND,
-            "index_not_enabled",
+            ErrorCode::IndexNotEnabled,
             "this server has no index; start it with --index DIR to use items, search and clusters",
         )
     })
 }
 
-fn index_error(e: IndexError) -> ApiError {
-    match e {
-        IndexError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m),
-        IndexError::Poisoned(..) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "index_unavailable", e.to_string()),
-        IndexError::CompactionRunning { .. } => ApiError::new(StatusCode::CONFLICT, "compaction_running", e.to_string()),
-        other => ApiError::internal(format!("index error: {other}")),
-    }
-}
-
 fn item_not_found(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "item_not_found", format!("no item with id {id:?}"))
+    ApiError::new(ErrorCode::ItemNotFound, format!("no item with id {id:?}"))
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::invalid_params(e.body_text()))
+    q.map(|Query(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|Path(v)| v).map_err(|e| ApiError::invalid_params(e.body_text()))
+    p.map(|Path(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
 }
 
 /// Runs blocking index work (fsync, graph inserts) off the async runtime.
@@ -97,8 +87,12 @@ fn content_type(req: &Request) -> String {
         .unwrap_or_default()
 }
 
+fn invalid_params(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidParameters, message)
+}
+
 fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    ApiError::new(ErrorCode::InvalidRequest, message)
 }
 
 // ------------------------------------------------------------------ POST /v1/items
@@ -122,10 +116,13 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
         "application/json" => uploads_from_json(&state, req).await?,
         "multipart/form-data" => uploads_from_multipart(req, state.limits.max_images).await?,
         other => {
-            return Err(ApiError::unsupported_media_type(format!(
-                "Content-Type {other:?} is not accepted; send application/json {{\"items\": [{{\"id\", \"image\" (base64), \"metadata\"}}]}} \
-                 or multipart/form-data whose file parts are named by item id"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!(
+                    "Content-Type {other:?} is not accepted; send application/json {{\"items\": [{{\"id\", \"image\" (base64), \"metadata\"}}]}} \
+                     or multipart/form-data whose file parts are named by item id"
+                ),
+            ));
         }
     };
     if uploads.is_empty() {
@@ -144,7 +141,7 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
         .map(|((id, metadata), (out, thumbnail))| NewItem { cluster: cluster_of(&out), vector: out.embedding, id, metadata, thumbnail })
         .collect();
     let index = h.index.clone();
-    let report = blocking(move || index.add(items)).await?.map_err(index_error)?;
+    let report = blocking(move || index.add(items)).await??;
     Ok(Json(AddResponse { added: report.added, ids }))
 }
 
@@ -172,8 +169,8 @@ async fn uploads_from_json(state: &AppState, req: Request) -> Result<Vec<Upload>
         .map(|(i, it)| {
             let metadata = it.metadata.map(|m| {
                 if m.get().len() > max_meta {
-                    return Err(ApiError::too_large(
-                        "metadata_too_large",
+                    return Err(ApiError::new(
+                        ErrorCode::MetadataTooLarge,
                         format!("item {i} ({}): its metadata is {} bytes, over the limit of {max_meta}", it.id, m.get().len()),
                     ));
                 }
@@ -181,7 +178,7 @@ async fn uploads_from_json(state: &AppState, req: Request) -> Result<Vec<Upload>
             });
             let metadata = metadata.transpose()?;
             let image = decode_base64(&it.image.0)
-                .map_err(|e| ApiError::bad_request("invalid_base64", format!("item {i} ({}): not valid base64: {e}", it.id)))?;
+                .map_err(|e| ApiError::new(ErrorCode::InvalidBase64, format!("item {i} ({}): not valid base64: {e}", it.id)))?;
             Ok(Upload { id: it.id, image: Bytes::from(image), metadata })
         })
         .collect()
@@ -238,8 +235,7 @@ fn thumbnail(index: &Index, id: &str, headers: &HeaderMap) -> Result<Response, A
             return Err(item_not_found(id));
         }
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "thumbnail_not_found",
+            ErrorCode::ThumbnailNotFound,
             format!("item {id:?} has no thumbnail (added before thumbnails existed, or with --thumbnails=false)"),
         ));
     };
@@ -269,7 +265,7 @@ pub async fn delete_item(State(state): State<AppState>, id: Result<Path<String>,
     let index = handle(&state)?.index.clone();
     let id = path(id)?;
     let key = id.clone();
-    match blocking(move || index.delete(&key)).await?.map_err(index_error)? {
+    match blocking(move || index.delete(&key)).await?? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(item_not_found(&id)),
     }
@@ -304,10 +300,10 @@ pub async fn search(
     let q = query(q)?;
     let k = q.k.unwrap_or(DEFAULT_K);
     if !(1..=MAX_K).contains(&k) {
-        return Err(ApiError::invalid_params(format!("k must be between 1 and {MAX_K}, got {k}")));
+        return Err(invalid_params(format!("k must be between 1 and {MAX_K}, got {k}")));
     }
     if let Some(ef) = q.ef.filter(|ef| !(1..=MAX_EF).contains(ef)) {
-        return Err(ApiError::invalid_params(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
+        return Err(invalid_params(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
     }
     if let Some(c) = q.cluster {
         check_cluster(&state, c)?;
@@ -328,7 +324,7 @@ pub async fn search(
             }
             Queries::Vectors(vs) => vs
                 .iter()
-                .map(|v| timed(&|| h.index.search(v, k, ef, cluster).map_err(index_error)))
+                .map(|v| timed(&|| h.index.search(v, k, ef, cluster).map_err(ApiError::from)))
                 .collect(),
         }
     })
@@ -407,7 +403,7 @@ pub async fn cluster_items(
     check_cluster(&state, cluster)?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid_params(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
+        return Err(invalid_params(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
     }
     Ok(Json(h.index.cluster_items(cluster, limit, q.offset.unwrap_or(0))))
 }
@@ -421,8 +417,7 @@ fn check_cluster(state: &AppState, cluster: u32) -> Result<(), ApiError> {
             _ => "prototypes",
         };
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "cluster_not_found",
+            ErrorCode::ClusterNotFound,
             format!("no cluster {cluster}: the model has {k} {what} (0 to {})", k.saturating_sub(1)),
         ));
     }
@@ -435,5 +430,5 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<IndexStats>, Ap
 
 pub async fn compact(State(state): State<AppState>) -> Result<Json<CompactReport>, ApiError> {
     let index = handle(&state)?.index.clone();
-    Ok(Json(blocking(move || index.compact()).await?.map_err(index_error)?))
+    Ok(Json(blocking(move || index.compact()).await??))
 }

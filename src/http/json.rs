@@ -12,12 +12,11 @@ use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 
-use axum::http::StatusCode;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// The most elements each array may hold.
 #[derive(Debug, Clone, Copy)]
@@ -98,20 +97,20 @@ pub fn parse<'a>(body: &'a [u8], caps: Caps, shape: &str) -> Result<JsonBody<'a>
     let parsed = BodySeed { caps, over: &over }.deserialize(&mut de).and_then(|b| de.end().map(|()| b));
     match (parsed, over.get()) {
         (Ok(b), _) => Ok(b),
-        (Err(_), Some(Over::Images(max))) => Err(ApiError::too_large(
-            "too_many_images",
+        (Err(_), Some(Over::Images(max))) => Err(ApiError::new(
+            ErrorCode::TooManyImages,
             format!("the request has more than {max} images, over the limit of {max} per request"),
         )),
         (Err(_), Some(Over::Vector(max))) => Err(invalid(format!(
             "\"vector\" has more than {max} values, the index expects {max}"
         ))),
         (Err(e), None) if e.is_data() => Err(invalid(format!("expected {shape}: {e}"))),
-        (Err(e), None) => Err(ApiError::bad_request("invalid_json", format!("the body is not valid JSON ({shape}): {e}"))),
+        (Err(e), None) => Err(ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON ({shape}): {e}"))),
     }
 }
 
 fn invalid(message: String) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    ApiError::new(ErrorCode::InvalidRequest, message)
 }
 
 struct BodySeed<'c> {
@@ -207,6 +206,7 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for Capped<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     const CAPS: Caps = Caps { images: 2, vector: 3 };
 
@@ -227,15 +227,15 @@ mod tests {
     #[test]
     fn refuses_at_the_first_element_over_a_cap() {
         let err = parse(br#"{"images": ["", "", "", "#, CAPS, "x").unwrap_err();
-        assert_eq!((err.status, err.code), (StatusCode::PAYLOAD_TOO_LARGE, "too_many_images"));
+        assert_eq!((err.status(), err.code), (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooManyImages));
         let err = parse(br#"{"items": [{"a":0},{"a":0}]}"#, CAPS, "x").unwrap_err();
-        assert_eq!((err.status, err.code), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"), "{}", err.message);
+        assert_eq!((err.status(), err.code), (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest), "{}", err.message);
         let err = parse(br#"{"vector": [1, 2, 3, 4]}"#, CAPS, "x").unwrap_err();
         assert!(err.message.contains("more than 3 values"), "{}", err.message);
         let err = parse(br#"{"id": "a", "id": "b"}"#, CAPS, "x").unwrap_err();
         assert!(err.message.contains("duplicate key"), "{}", err.message);
         let err = parse(b"{\"id\": \"a\"} x", CAPS, "x").unwrap_err();
-        assert_eq!(err.code, "invalid_json");
-        assert_eq!(parse(b"[1]", CAPS, "x").unwrap_err().status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(err.code, ErrorCode::InvalidJson);
+        assert_eq!(parse(b"[1]", CAPS, "x").unwrap_err().status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

@@ -7,23 +7,19 @@
 //! the budget the answer is 503 with Retry-After, at once and without reading the body.
 
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::body::HttpBody as _;
 
 use super::AppState;
-use super::error::ApiError;
-
-/// Seconds a client is asked to wait when the byte budget is spent.
-const RETRY_AFTER_SECS: u64 = 1;
+use super::error::{ApiError, ErrorCode};
 
 pub async fn admit_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let max = state.limits.max_body_bytes as u64;
     let hint = req.body().size_hint();
     if hint.lower() > max {
-        return ApiError::too_large(
-            "body_too_large",
+        return ApiError::new(
+            ErrorCode::BodyTooLarge,
             format!("the request body is {} bytes (Content-Length), over the limit of {max} bytes", hint.lower()),
         )
         .before_body()
@@ -37,14 +33,10 @@ pub async fn admit_body(State(state): State<AppState>, req: Request, next: Next)
         match state.inflight_bytes.clone().try_acquire_many_owned(bytes) {
             Ok(p) => Some(p),
             Err(_) => {
-                return ApiError {
-                    retry_after: Some(RETRY_AFTER_SECS),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "server_busy",
-                        "the server is reading as many request bytes as it holds at once; retry shortly",
-                    )
-                }
+                return ApiError::new(
+                    ErrorCode::ServerBusy,
+                    "the server is reading as many request bytes as it holds at once; retry shortly",
+                )
                 .before_body()
                 .into_response();
             }

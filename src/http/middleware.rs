@@ -3,12 +3,12 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// Requires `Authorization: Bearer <key>` when the server has an API key. The scheme is
 /// case-insensitive (RFC 7235), and the 401 says which of header, scheme or key was wrong.
@@ -16,7 +16,7 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     let Some(expected) = state.api_key.as_deref() else {
         return next.run(req).await;
     };
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).into_response();
+    let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m).into_response();
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return unauthorized("missing API key: send Authorization: Bearer <key>");
     };

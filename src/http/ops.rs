@@ -4,12 +4,12 @@ use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use crate::bundle::{ClusterSource, InputSpec, Outputs};
 
 #[derive(Serialize)]
@@ -25,10 +25,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiErr
     if state.ready.load(Ordering::Acquire) {
         Ok(Json(Status { status: "ready" }))
     } else {
-        Err(ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the model is loading or warming up")
-        })
+        Err(ApiError::new(ErrorCode::NotReady, "the model is loading or warming up"))
     }
 }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{Request, Response, StatusCode};
+use axum::http::{Request, Response};
 use axum::response::IntoResponse;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -47,7 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 
 /// Connection limits of the server (`swav serve --max-connections`, `--header-timeout-s`,
 /// `--idle-timeout-s`).
@@ -263,7 +263,7 @@ async fn run_connection(shared: Arc<Shared>, conn: Arc<ConnState>, stream: TcpSt
             let ambiguous = conn.ambiguous_framing.swap(false, Ordering::AcqRel);
             async move {
                 let response = if ambiguous {
-                    ApiError::bad_request("ambiguous_framing", "the request has both Content-Length and Transfer-Encoding; send one")
+                    ApiError::new(ErrorCode::AmbiguousFraming, "the request has both Content-Length and Transfer-Encoding; send one")
                         .before_body()
                         .into_response()
                 } else {
@@ -431,13 +431,9 @@ fn json_error_for(written: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let error = match status {
-        b"400" => ApiError::bad_request("malformed_request", "the request line or a header is not valid HTTP"),
-        b"414" => ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", "the request URI is too long"),
-        b"431" => ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            "the request headers are too large or too many",
-        ),
+        b"400" => ApiError::new(ErrorCode::MalformedRequest, "the request line or a header is not valid HTTP"),
+        b"414" => ApiError::new(ErrorCode::UriTooLong, "the request URI is too long"),
+        b"431" => ApiError::new(ErrorCode::HeadersTooLarge, "the request headers are too large or too many"),
         _ => return None,
     };
     Some(serialise(error.before_body().into_response()))
