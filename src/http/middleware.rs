@@ -6,6 +6,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq as _;
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
@@ -32,9 +33,11 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
     }
 }
 
-/// Compares without an early exit, so the time taken says nothing about the key.
+/// Compares in time independent of where the bytes differ, so the time taken says nothing
+/// about the key's content (`subtle` keeps the optimiser from adding an early exit). A
+/// different length answers at once: the length is not the secret.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// A closed set of label values: any token is a valid method name to hyper, and a label per
@@ -86,8 +89,12 @@ mod tests {
     #[test]
     fn compares_keys() {
         assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(constant_time_eq(b"", b""));
         assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"Secret"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"secret2", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
     }
 
     #[test]
