@@ -116,6 +116,40 @@ fn sigint_also_shuts_down_cleanly() {
     }
 }
 
+/// `swav serve` logs one line with every flag's effective value, and never the API key.
+#[test]
+fn serve_logs_its_configuration_without_the_key() {
+    use clap::CommandFactory;
+    let model = model_arg();
+    let key = "a-key-that-must-not-reach-the-log";
+    let mut server = common::Spawned::start(&["--model", &model, "--api-key", key, "--log-format", "json", "--workers", "1"]);
+    server.wait_ready();
+    server.signal(libc::SIGINT);
+    let mut stderr = String::new();
+    server.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    let _ = server.child.wait();
+    assert!(!stderr.contains(key), "the key reached the log:\n{stderr}");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "effective configuration")
+        .collect();
+    assert_eq!(lines.len(), 1, "one configuration line:\n{stderr}");
+    let fields = &lines[0]["fields"];
+    assert_eq!(fields["api_key"], "Some(***)", "{fields}");
+    assert_eq!(fields["workers"], 1, "{fields}");
+    assert_eq!(fields["model"], model.as_str(), "{fields}");
+    let cli = swav::cli::Cli::command();
+    let serve = cli.find_subcommand("serve").expect("serve");
+    let global = ["log", "log_format", "help", "version"];
+    let mut flags = 0;
+    for arg in serve.get_arguments().filter(|a| !a.is_hide_set() && !global.contains(&a.get_id().as_str())) {
+        flags += 1;
+        assert!(fields.get(arg.get_id().as_str()).is_some(), "the configuration line lacks --{}: {fields}", arg.get_id());
+    }
+    assert!(flags > 20, "{flags} flags");
+}
+
 fn fails_with(args: &[&str], needles: &[&str]) {
     let out = swav().args(args).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);

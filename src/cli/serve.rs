@@ -56,8 +56,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWAV_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
     /// Require `Authorization: Bearer <KEY>` on /v1/* (health, ready and metrics stay open).
-    #[arg(long, env = "SWAV_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[arg(long, env = "SWAV_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
+    pub api_key: Option<ApiKey>,
     /// Nearest-neighbour index directory (created if missing); enables /v1/items, /v1/search
     /// and /v1/clusters. It must have been built with the same model.
     #[arg(long, env = "SWAV_INDEX", value_name = "DIR")]
@@ -90,6 +90,27 @@ pub struct ServeArgs {
     pub shutdown_timeout_s: u64,
 }
 
+/// The API key. Its `Debug` prints `***`, so that `ServeArgs`' Debug, panics and logs never
+/// show it; [`ApiKey::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+fn parse_api_key(s: &str) -> Result<ApiKey, std::convert::Infallible> {
+    Ok(ApiKey(s.to_string()))
+}
+
 impl ServeArgs {
     fn conn_limits(&self) -> anyhow::Result<ConnLimits> {
         let seconds = |v: f64, flag: &str| {
@@ -115,7 +136,7 @@ impl ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+    if args.api_key.as_ref().is_some_and(|k| k.expose().trim().is_empty()) {
         // An empty key would otherwise read as "no key" and serve without auth.
         anyhow::bail!("--api-key (SWAV_API_KEY) is empty: give a key, or leave it unset to serve without auth");
     }
@@ -126,7 +147,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.max_body_bytes
         );
     }
-    args.conn_limits()?;
+    let conn = args.conn_limits()?;
     let workers = args.workers.max(1);
     let (bundle, engine, options) = args.model.load(workers)?;
     let engine = Arc::new(engine);
@@ -142,12 +163,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_metadata_bytes: args.max_metadata_bytes,
             max_inflight_bytes: args.max_inflight_bytes,
         })
-        .with_api_key(args.api_key.clone())
+        .with_api_key(args.api_key.as_ref().map(|k| k.expose().to_string()))
         .with_thumbnails(args.thumbnails.thumbnails)
         .with_ui(args.ui && !args.no_ui);
     if let Some(n) = args.decode_threads {
         state = state.with_decode_threads(n);
     }
+    log_configuration(&args, conn, &bundle.dir, &options, engine.provider(), &state);
     let index = match &args.index {
         Some(dir) => Some(super::index::open_for_model(dir, &bundle)?),
         None => None,
@@ -166,6 +188,41 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         index.snapshot().context("cannot snapshot the index at shutdown")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line with every flag's effective value (defaults filled in), named as the flag, so that a
+/// log shows what the server ran with. The API key is shown only as set or not.
+fn log_configuration(args: &ServeArgs, conn: ConnLimits, model_dir: &std::path::Path, options: &EngineOptions, provider: &str, state: &AppState) {
+    let batcher = args.batcher_config();
+    tracing::info!(
+        model = %model_dir.display(),
+        device = %options.device,
+        provider,
+        ort_lib = ?options.ort_lib,
+        intra_threads = options.intra_threads,
+        batch_packing = ?options.batch_packing,
+        max_pixels = args.model.max_pixels,
+        max_image_bytes = args.model.max_image_bytes,
+        listen = %args.listen,
+        workers = options.workers,
+        max_batch_size = batcher.max_batch_size,
+        max_delay_us = batcher.max_delay.as_micros() as u64,
+        queue_capacity = batcher.queue_capacity,
+        max_images_per_request = state.limits.max_images,
+        max_body_bytes = state.limits.max_body_bytes,
+        max_metadata_bytes = state.limits.max_metadata_bytes,
+        max_inflight_bytes = state.limits.max_inflight_bytes,
+        decode_threads = state.decode_permits.available_permits(),
+        api_key = ?args.api_key,
+        index = ?args.index,
+        thumbnails = state.thumbnails,
+        ui = state.ui,
+        max_connections = conn.max_connections,
+        header_timeout_s = conn.header_timeout.as_secs_f64(),
+        idle_timeout_s = conn.idle_timeout.as_secs_f64(),
+        shutdown_timeout_s = args.shutdown_timeout_s,
+        "effective configuration"
+    );
 }
 
 fn model_info(manifest: &crate::bundle::Manifest, engine: &Engine, options: &EngineOptions) -> ModelInfo {
@@ -281,5 +338,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn debug_never_shows_the_api_key() {
+        let key = "a-key-that-must-stay-secret";
+        let parsed = Wrapper::try_parse_from(["swav", "--api-key", key]).expect("parse");
+        let key_of = parsed.serve.api_key.as_ref().expect("a key");
+        assert_eq!(key_of.expose(), key);
+        assert_eq!(format!("{key_of:?}"), "***");
+        for shown in [format!("{:?}", parsed.serve), format!("{:#?}", parsed.serve), format!("{parsed:?}")] {
+            assert!(!shown.contains(key), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
     }
 }
