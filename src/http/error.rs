@@ -172,6 +172,16 @@ impl ApiError {
         ApiError { close: true, ..self }
     }
 
+    /// A field of the JSON body is wrong (422).
+    pub fn invalid_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::InvalidRequest, message)
+    }
+
+    /// A query or path parameter is wrong (422).
+    pub fn invalid_parameters(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::InvalidParameters, message)
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(ErrorCode::InternalError, message)
     }

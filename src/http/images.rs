@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::input::read_images;
+use super::input::{query, read_images};
 use super::responses::{self, AssignOptions, AssignResponse, EmbedResponse, OutputKind};
 use crate::engine::ImageOutput;
 
@@ -28,17 +28,13 @@ pub struct AssignQuery {
     temperature: Option<f64>,
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
-}
-
 pub async fn embed(
     State(state): State<AppState>,
     q: Result<Query<EmbedQuery>, QueryRejection>,
     req: Request,
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let q = query(q)?;
-    let kind = OutputKind::parse(q.output.as_deref()).map_err(|m| ApiError::new(ErrorCode::InvalidParameters, m))?;
+    let kind = OutputKind::parse(q.output.as_deref()).map_err(|m| ApiError::invalid_parameters(m))?;
     if kind == OutputKind::Projection && state.model.manifest.outputs.projection.is_none() {
         return Err(ApiError::no_projection());
     }
@@ -56,7 +52,7 @@ pub async fn assign(
         return Err(ApiError::no_prototypes());
     }
     let options = AssignOptions::new(q.top_k, q.temperature, state.model.manifest.num_prototypes)
-        .map_err(|m| ApiError::new(ErrorCode::InvalidParameters, m))?;
+        .map_err(|m| ApiError::invalid_parameters(m))?;
     let outputs = infer_request(&state, req).await?;
     Ok(Json(responses::assign_response(&state.model.manifest, options, &outputs)))
 }

@@ -16,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
 use super::images::{infer_images, infer_images_with_thumbnails, room_for_a_request};
-use super::input::{decode_base64, decode_images, next_part, open_multipart, part_bytes, read_body, read_images, too_many};
-use super::json::{self, Caps};
+use super::input::{self, SearchBody, path, query};
 use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
 use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexStats, Metadata, NewItem};
@@ -66,34 +65,11 @@ fn item_not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::ItemNotFound, format!("no item with id {id:?}"))
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
-}
-
-fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|Path(v)| v).map_err(|e| ApiError::new(ErrorCode::InvalidParameters, e.body_text()))
-}
-
 /// Runs blocking index work (fsync, graph inserts) off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("index task failed: {e}")))
 }
 
-fn content_type(req: &Request) -> String {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .unwrap_or_default()
-}
-
-fn invalid_params(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::InvalidParameters, message)
-}
-
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRequest, message)
-}
 
 // ------------------------------------------------------------------ POST /v1/items
 
@@ -103,33 +79,15 @@ pub struct AddResponse {
     ids: Vec<String>,
 }
 
-struct Upload {
-    id: String,
-    image: Bytes,
-    metadata: Option<Metadata>,
-}
-
 pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Json<AddResponse>, ApiError> {
     let h = handle(&state)?.clone();
     room_for_a_request(&state)?;
-    let uploads = match content_type(&req).as_str() {
-        "application/json" => uploads_from_json(&state, req).await?,
-        "multipart/form-data" => uploads_from_multipart(req, state.limits.max_images).await?,
-        other => {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                format!(
-                    "Content-Type {other:?} is not accepted; send application/json {{\"items\": [{{\"id\", \"image\" (base64), \"metadata\"}}]}} \
-                     or multipart/form-data whose file parts are named by item id"
-                ),
-            ));
-        }
-    };
+    let uploads = input::read_uploads(req, &state.limits).await?;
     if uploads.is_empty() {
-        return Err(invalid("no items given"));
+        return Err(ApiError::invalid_request("no items given"));
     }
     for (i, u) in uploads.iter().enumerate() {
-        crate::index::check_id(&u.id).map_err(|e| invalid(format!("item {i}: {e}")))?;
+        crate::index::check_id(&u.id).map_err(|e| ApiError::invalid_request(format!("item {i}: {e}")))?;
     }
     let (meta, images): (Vec<(String, Option<Metadata>)>, Vec<Bytes>) =
         uploads.into_iter().map(|u| ((u.id, u.metadata), u.image)).unzip();
@@ -154,50 +112,6 @@ pub fn cluster_of(out: &ImageOutput) -> u32 {
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i as u32)
-}
-
-const ITEMS_SHAPE: &str = "{\"items\": [{\"id\": string, \"image\": base64, \"metadata\": any}]}";
-
-async fn uploads_from_json(state: &AppState, req: Request) -> Result<Vec<Upload>, ApiError> {
-    let body = read_body(req).await?;
-    let caps = Caps { images: state.limits.max_images, vector: 0 };
-    let items = json::parse(&body, caps, ITEMS_SHAPE)?.items.ok_or_else(|| invalid(format!("expected {ITEMS_SHAPE}")))?;
-    let max_meta = state.limits.max_metadata_bytes;
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, it)| {
-            let metadata = it.metadata.map(|m| {
-                if m.get().len() > max_meta {
-                    return Err(ApiError::new(
-                        ErrorCode::MetadataTooLarge,
-                        format!("item {i} ({}): its metadata is {} bytes, over the limit of {max_meta}", it.id, m.get().len()),
-                    ));
-                }
-                Ok(Metadata::from_raw(m))
-            });
-            let metadata = metadata.transpose()?;
-            let image = decode_base64(&it.image.0)
-                .map_err(|e| ApiError::new(ErrorCode::InvalidBase64, format!("item {i} ({}): not valid base64: {e}", it.id)))?;
-            Ok(Upload { id: it.id, image: Bytes::from(image), metadata })
-        })
-        .collect()
-}
-
-/// Parts are counted as they arrive: the one over the limit is refused before it is read.
-async fn uploads_from_multipart(req: Request, max_images: usize) -> Result<Vec<Upload>, ApiError> {
-    let mut multipart = open_multipart(req).await?;
-    let mut uploads = Vec::new();
-    while let Some(field) = next_part(&mut multipart).await? {
-        if uploads.len() == max_images {
-            return Err(too_many(max_images + 1, max_images));
-        }
-        // The part's file name is the id when it has one, else its field name.
-        let id = field.file_name().or(field.name()).unwrap_or_default().to_string();
-        let image = part_bytes(field).await?;
-        uploads.push(Upload { id, image, metadata: None });
-    }
-    Ok(uploads)
 }
 
 // ------------------------------------------------------------------ items by id
@@ -300,10 +214,10 @@ pub async fn search(
     let q = query(q)?;
     let k = q.k.unwrap_or(DEFAULT_K);
     if !(1..=MAX_K).contains(&k) {
-        return Err(invalid_params(format!("k must be between 1 and {MAX_K}, got {k}")));
+        return Err(ApiError::invalid_parameters(format!("k must be between 1 and {MAX_K}, got {k}")));
     }
     if let Some(ef) = q.ef.filter(|ef| !(1..=MAX_EF).contains(ef)) {
-        return Err(invalid_params(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
+        return Err(ApiError::invalid_parameters(format!("ef must be between 1 and {MAX_EF}, got {ef}")));
     }
     if let Some(c) = q.cluster {
         check_cluster(&state, c)?;
@@ -332,32 +246,17 @@ pub async fn search(
     Ok(Json(SearchResponse { results }))
 }
 
-/// A search body is an image in any `/v1/embed` form, `{"vector": [...]}`, or `{"id": "..."}`.
+/// The search's queries: a vector, an id, or the embeddings of the body's images.
 async fn read_queries(state: &AppState, h: &IndexHandle, req: Request) -> Result<Queries, ApiError> {
-    if content_type(&req) != "application/json" {
+    if input::content_type(&req) != "application/json" {
+        // Images are coming: admission before their body is read, as on /v1/embed.
         room_for_a_request(state)?;
-        let images = read_images(req, state.limits.max_images).await?;
-        return Ok(Queries::Vectors(embed(state, images).await?));
     }
-    let shape = "{\"vector\": [numbers]}, {\"id\": string} or {\"images\": [base64, ...]}";
-    let body = read_body(req).await?;
-    let caps = Caps { images: state.limits.max_images, vector: h.index.identity().dim };
-    let parsed = json::parse(&body, caps, shape)?;
-    if parsed.keys() != 1 {
-        return Err(invalid(format!("the JSON body must be {shape}")));
-    }
-    if let Some(v) = parsed.vector {
-        return Ok(Queries::Vectors(vec![v]));
-    }
-    if let Some(id) = parsed.id {
-        return Ok(Queries::Id(id));
-    }
-    if let Some(images) = parsed.images {
-        let images = decode_images(&images)?;
-        drop(body);
-        return Ok(Queries::Vectors(embed(state, images).await?));
-    }
-    Err(invalid(format!("the JSON body must be {shape}")))
+    Ok(match input::read_search(req, state.limits.max_images, h.index.identity().dim).await? {
+        SearchBody::Vector(v) => Queries::Vectors(vec![v]),
+        SearchBody::Id(id) => Queries::Id(id),
+        SearchBody::Images(images) => Queries::Vectors(embed(state, images).await?),
+    })
 }
 
 async fn embed(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Vec<f32>>, ApiError> {
@@ -403,7 +302,7 @@ pub async fn cluster_items(
     check_cluster(&state, cluster)?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(invalid_params(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
+        return Err(ApiError::invalid_parameters(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
     }
     Ok(Json(h.index.cluster_items(cluster, limit, q.offset.unwrap_or(0))))
 }

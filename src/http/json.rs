@@ -101,16 +101,12 @@ pub fn parse<'a>(body: &'a [u8], caps: Caps, shape: &str) -> Result<JsonBody<'a>
             ErrorCode::TooManyImages,
             format!("the request has more than {max} images, over the limit of {max} per request"),
         )),
-        (Err(_), Some(Over::Vector(max))) => Err(invalid(format!(
+        (Err(_), Some(Over::Vector(max))) => Err(ApiError::invalid_request(format!(
             "\"vector\" has more than {max} values, the index expects {max}"
         ))),
-        (Err(e), None) if e.is_data() => Err(invalid(format!("expected {shape}: {e}"))),
+        (Err(e), None) if e.is_data() => Err(ApiError::invalid_request(format!("expected {shape}: {e}"))),
         (Err(e), None) => Err(ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON ({shape}): {e}"))),
     }
-}
-
-fn invalid(message: String) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRequest, message)
 }
 
 struct BodySeed<'c> {
