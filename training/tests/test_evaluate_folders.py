@@ -21,7 +21,7 @@ from swav_train.preprocess import InputSpec
 COLOURS = {"red": 0, "green": 1, "blue": 2}
 SPEC = InputSpec(channels=3, resize_size=16, height=16, width=16)
 METRIC_KEYS = {"dataset", "classes", "train_size", "test_size", "skipped_unreadable", "linear_probe_top1", "knn_top1",
-               "knn", "kmeans_embedding", "prototype_assignment", "seconds"}
+               "knn", "kmeans_embedding", "prototype_assignment", "projection", "seconds"}
 
 
 def make_labelled(root: Path, per_class: int, seed: int = 0, classes=tuple(COLOURS)) -> Path:
@@ -57,8 +57,12 @@ def _in_range(ev: dict) -> None:
     assert set(ev) == METRIC_KEYS
     for name in ("linear_probe_top1", "knn_top1"):
         assert 0 <= ev[name] <= 1, name
-    for part in ("kmeans_embedding", "prototype_assignment"):
-        assert 0 <= ev[part]["nmi"] <= 1 and -1 <= ev[part]["ari"] <= 1, part
+    for part in (ev["kmeans_embedding"], ev["prototype_assignment"], ev["projection"]["kmeans"]):
+        assert 0 <= part["nmi"] <= 1 and -1 <= part["ari"] <= 1, part
+    assert 0 <= ev["projection"]["knn_top1"] <= 1
+    assign = ev["prototype_assignment"]
+    assert assign["temperature"] == 0.1 and 0 <= assign["top_probability_above_half"] <= 1
+    assert all(0 < p <= 1 for p in assign["largest_prototypes"]["purity"])
     assert ev["knn"] == {"k": 20, "temperature": 0.07, "metric": "cosine"}
 
 
@@ -73,6 +77,8 @@ def test_separable_folders_score_high_through_the_bundle_rule(folders):
     assert ev["knn_top1"] >= 0.9 and ev["linear_probe_top1"] >= 0.9
     assert ev["kmeans_embedding"]["nmi"] >= 0.9
     assert ev["prototype_assignment"]["nmi"] >= 0.99 and ev["prototype_assignment"]["prototypes_used"] == 3
+    assert ev["prototype_assignment"]["largest_prototypes"]["mean_purity"] >= 0.99
+    assert ev["projection"]["knn_top1"] >= 0.9
     # Every image went through the bundle preprocessing rule, file to tensor, in folder order.
     paths = scan_labelled_folder(train).paths + scan_labelled_folder(test).paths
     np.testing.assert_array_equal(np.concatenate(batches), np.stack([preprocess.load_array(p, SPEC) for p in paths]))
@@ -182,3 +188,17 @@ def test_help_documents_the_folder_flags(capsys):
             cli.build_parser().parse_args([command, "--help"])
         text = capsys.readouterr().out
         assert "--eval-train-dir" in text and "--eval-test-dir" in text and "ROOT/<class>/<image>" in text, command
+
+
+def test_assignment_scores_report_confidence_and_purity():
+    # 4 images: prototype 0 takes three (labels 1, 1, 2), prototype 1 takes one (label 0).
+    scores = np.array([[1.0, 0.0], [0.9, 0.8], [0.5, 0.0], [0.0, 0.3]])
+    labels = np.array([1, 1, 2, 0])
+    got = evaluate.assignment_scores(scores, labels, temperature=0.1)
+    # softmax(s / 0.1) top probabilities: 0.99995, 0.731, 0.9933, 0.9526 -> all above 0.5
+    assert got["top_probability_above_half"] == 1.0
+    assert got["largest_prototypes"]["sizes"] == [3, 1]
+    assert got["largest_prototypes"]["purity"] == [round(2 / 3, 4), 1.0]
+    three = np.array([[1.0, 0.0, 0.0], [0.05, 0.0, 0.04]])  # the second is near-uniform over 3 at T = 0.1
+    assert evaluate.assignment_scores(three, np.array([0, 1]), temperature=0.1)["top_probability_above_half"] == 0.5
+    assert evaluate.assignment_scores(three, np.array([0, 1]), temperature=10.0)["top_probability_above_half"] == 0.0

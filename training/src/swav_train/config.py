@@ -25,7 +25,8 @@ FASHION_MNIST_STD = (0.3530,)
 ARCHS = ("resnet18", "resnet34", "resnet50")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DATASETS = ("folder", "fashion-mnist")
-STEMS = ("auto", "imagenet", "small")
+STEMS = ("auto", "imagenet", "small", "small-stride2")
+AUGMENTS = ("auto", "pil", "tensor")
 
 
 class ConfigError(ValueError):
@@ -48,7 +49,8 @@ class TrainConfig:
     resize_size: int = _f(256, "inference resize: the shorter side becomes this many pixels before the centre crop")
     mean: tuple[float, ...] = _f(IMAGENET_MEAN, "per-channel normalisation mean (applied inside the exported graph)")
     std: tuple[float, ...] = _f(IMAGENET_STD, "per-channel normalisation std (applied inside the exported graph)")
-    num_workers: int = _f(4, "DataLoader worker processes per rank (0 = load in the training process)")
+    num_workers: int = _f(4, "DataLoader worker processes per rank (0 = load in the training process); the PIL augmentation path only")
+    augment: str = _f("auto", "where the multi-crop runs: 'pil' (per image, PIL, in DataLoader workers; any images), 'tensor' (batched on uint8 tensors in the training process; data sets held in memory, i.e. fashion-mnist) or 'auto' (tensor for fashion-mnist, else pil)")
     # ---- multi-crop augmentation -----------------------------------------
     nmb_crops: tuple[int, ...] = _f((2, 6), "number of crops per resolution, e.g. 2 6")
     size_crops: tuple[int, ...] = _f((224, 96), "crop size in pixels per resolution")
@@ -62,7 +64,7 @@ class TrainConfig:
     # ---- model -----------------------------------------------------------
     arch: str = _f("resnet50", "backbone: resnet18, resnet34 or resnet50 (torchvision blocks, never pretrained)")
     width: int = _f(64, "base width of the ResNet (64 = torchvision's; 16 or 32 for CPU-sized runs)")
-    stem: str = _f("auto", "'imagenet' (7x7 stride-2 conv + max-pool), 'small' (3x3 stride-1 conv, no max-pool) or 'auto' (small when image_size <= 64)")
+    stem: str = _f("auto", "'imagenet' (7x7 stride-2 conv + max-pool), 'small' (3x3 stride-1 conv, no max-pool), 'small-stride2' (3x3 stride-2 conv, no max-pool: a quarter of the small stem's activations) or 'auto' (small when image_size <= 64)")
     hidden_mlp: int = _f(2048, "hidden units of the projection MLP")
     feat_dim: int = _f(128, "projection (embedding) dimension d")
     nmb_prototypes: int = _f(3000, "number of prototypes K")
@@ -87,7 +89,7 @@ class TrainConfig:
     # ---- run -------------------------------------------------------------
     seed: int = _f(31, "random seed (model init, augmentation, data order)")
     device: str = _f("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
-    precision: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' or 'fp16' (with GradScaler)")
+    precision: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' (autocast; on the CPU only where it has native bf16, AVX512-BF16 or AMX) or 'fp16' (CUDA, with GradScaler)")
     sync_bn: bool = _f(True, "use SyncBatchNorm under multi-GPU DDP")
     channels_last: bool = _f(True, "channels_last memory format for the model and crops (faster convolutions on CUDA, and on CPU with oneDNN); on the CPU, strided 1x1 convolutions over fewer than a multiple of 16 channels stay contiguous, where oneDNN's kernel corrupts memory")
     crash_guard: bool = _f(True, "before the first step, run one forward and backward pass in a child process; if it dies by a signal (a native crash), retry it without channels_last and train that way, or stop with an error if that dies too")
@@ -116,7 +118,16 @@ class TrainConfig:
     def small_stem(self) -> bool:
         if self.stem == "auto":
             return self.image_size <= 64
-        return self.stem == "small"
+        return self.stem in ("small", "small-stride2")
+
+    @property
+    def stem_stride(self) -> int:
+        return 2 if self.stem == "small-stride2" else 1
+
+    @property
+    def tensor_augment(self) -> bool:
+        """Whether the multi-crop runs batched on tensors (`batch_augment`) rather than per PIL image."""
+        return self.augment == "tensor" or (self.augment == "auto" and self.dataset == "fashion-mnist")
 
     @property
     def bundle_name(self) -> str:
@@ -243,6 +254,9 @@ def _validate(c: TrainConfig) -> None:
     for name in ("color_jitter_p", "grayscale_p", "blur_p"):
         need(0 <= getattr(c, name) <= 1, name, "is a probability in [0, 1]")
     need(len(c.blur_sigma) == 2 and 0 < c.blur_sigma[0] <= c.blur_sigma[1], "blur_sigma", "needs 0 < min <= max")
+    need(c.augment in AUGMENTS, "augment", f"must be one of {AUGMENTS}")
+    need(c.augment != "tensor" or c.dataset == "fashion-mnist", "augment",
+         "'tensor' needs the images in memory (dataset=fashion-mnist); use 'pil' for image folders")
     need(c.arch in ARCHS, "arch", f"must be one of {ARCHS}")
     need(c.width > 0, "width", "must be positive")
     need(c.stem in STEMS, "stem", f"must be one of {STEMS}")

@@ -223,9 +223,31 @@ def clustering_scores(assignments: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def _encode_split(encode: Encoder, spec: InputSpec, data: LabelledData, items: np.ndarray, labels: np.ndarray):
-    """(embeddings, prototype scores, int64 labels, images left out) of one split."""
-    emb, _, scores, kept = encode_images(encode, items, spec, data.load)
-    return emb, scores, labels[kept].astype(np.int64), len(items) - len(kept)
+    """(embeddings, projections, prototype scores, int64 labels, images left out) of one split."""
+    emb, proj, scores, kept = encode_images(encode, items, spec, data.load)
+    return emb, proj, scores, labels[kept].astype(np.int64), len(items) - len(kept)
+
+
+ASSIGN_TEMPERATURE = 0.1  # the server's default for /v1/assign probabilities (SwAV's training temperature)
+
+
+def assignment_scores(scores: np.ndarray, labels: np.ndarray, temperature: float = ASSIGN_TEMPERATURE,
+                      largest: int = 10) -> dict:
+    """What /v1/assign tells a user: the share of images whose top prototype has probability
+    above 0.5 under softmax(scores / T), and the purity (share of the majority class) of the
+    `largest` prototypes with the most images."""
+    z = (scores - scores.max(axis=1, keepdims=True)) / temperature
+    p = np.exp(z)
+    top_p = p.max(axis=1) / p.sum(axis=1)
+    proto = scores.argmax(axis=1)
+    ids, counts = np.unique(proto, return_counts=True)
+    biggest = ids[np.argsort(-counts, kind="stable")[:largest]]
+    purity = [float(np.bincount(labels[proto == k]).max() / (proto == k).sum()) for k in biggest]
+    sizes = [int((proto == k).sum()) for k in biggest]
+    return {"temperature": temperature, "top_probability_above_half": float((top_p > 0.5).mean()),
+            "median_top_probability": float(np.median(top_p)),
+            "largest_prototypes": {"sizes": sizes, "purity": [round(x, 4) for x in purity],
+                                   "mean_purity": float(np.mean(purity)) if purity else 0.0}}
 
 
 def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalSet(), train_size: int = 0,
@@ -236,14 +258,15 @@ def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalS
     data = eval_set.load()
     tr_idx = _subset(len(data.train_labels), train_size, seed)
     te_idx = _subset(len(data.test_labels), test_size, seed + 1)
-    train_emb, _, train_y, tr_lost = _encode_split(encode, spec, data, data.train_items[tr_idx],
-                                                   data.train_labels[tr_idx])
-    test_emb, test_scores, test_y, te_lost = _encode_split(encode, spec, data, data.test_items[te_idx],
-                                                           data.test_labels[te_idx])
+    train_emb, train_proj, _, train_y, tr_lost = _encode_split(encode, spec, data, data.train_items[tr_idx],
+                                                               data.train_labels[tr_idx])
+    test_emb, test_proj, test_scores, test_y, te_lost = _encode_split(encode, spec, data, data.test_items[te_idx],
+                                                                      data.test_labels[te_idx])
     num_classes = len(data.classes)
     if len(test_y) < num_classes:
         raise DataError(f"{len(test_y)} query images are fewer than the {num_classes} classes k-means clusters into")
     kmeans = KMeans(n_clusters=num_classes, n_init=10, random_state=seed).fit_predict(test_emb)
+    kmeans_proj = KMeans(n_clusters=num_classes, n_init=10, random_state=seed).fit_predict(test_proj)
     proto = test_scores.argmax(axis=1)
     return {
         "dataset": data.name, "classes": list(data.classes),
@@ -254,7 +277,11 @@ def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalS
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
         "kmeans_embedding": clustering_scores(kmeans, test_y),
         "prototype_assignment": {**clustering_scores(proto, test_y),
-                                 "prototypes_used": int(len(np.unique(proto)))},
+                                 "prototypes_used": int(len(np.unique(proto))),
+                                 **assignment_scores(test_scores, test_y)},
+        # The same kNN and k-means on the normalised projection: which output serves search better.
+        "projection": {"knn_top1": knn_accuracy(train_proj, train_y, test_proj, test_y, num_classes=num_classes),
+                       "kmeans": clustering_scores(kmeans_proj, test_y)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -279,7 +306,8 @@ def evaluate_bundle(bundle_dir: str | Path, eval_set: EvalSet | None = None, tra
 
 
 def summary(ev: dict) -> str:
+    proj = f"projection kNN {ev['projection']['knn_top1']:.4f}, " if "projection" in ev else ""
     return (f"linear {ev['linear_probe_top1']:.4f}, kNN {ev['knn_top1']:.4f}, "
             f"k-means NMI {ev['kmeans_embedding']['nmi']:.4f} ARI {ev['kmeans_embedding']['ari']:.4f}, "
-            f"prototype NMI {ev['prototype_assignment']['nmi']:.4f} "
+            f"prototype NMI {ev['prototype_assignment']['nmi']:.4f}, {proj}"
             f"({ev['train_size']} train / {ev['test_size']} test, {ev['seconds']} s)")

@@ -23,7 +23,7 @@ class ResNetTrunk(nn.Module):
     parameter shapes are exactly torchvision's. Never pretrained."""
 
     def __init__(self, arch: str, width: int = 64, in_channels: int = 3, small_stem: bool = False,
-                 base_width: int = 64):
+                 base_width: int = 64, stem_stride: int = 1):
         super().__init__()
         if arch not in _RESNETS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_RESNETS)}")
@@ -32,8 +32,9 @@ class ResNetTrunk(nn.Module):
         # torchvision's `width_per_group`: a bottleneck's inner width is planes * base_width / 64.
         self.base_width = base_width
         if small_stem:
-            # Inputs <= 64 px would shrink to nothing under a stride-4 stem.
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+            # Inputs <= 64 px would shrink to nothing under a stride-4 stem. Stride 2 halves the
+            # resolution once: on the CPU, resolution costs far more than width (training/BENCHMARKS.md).
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -119,9 +120,9 @@ class SwAVModel(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", width: int = 64, in_channels: int = 3, small_stem: bool = False,
-                 hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 3000):
+                 hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 3000, stem_stride: int = 1):
         super().__init__()
-        self.backbone = ResNetTrunk(arch, width, in_channels, small_stem)
+        self.backbone = ResNetTrunk(arch, width, in_channels, small_stem, stem_stride=stem_stride)
         e = self.backbone.out_dim
         self.projection_head = nn.Sequential(
             nn.Linear(e, hidden_mlp), nn.BatchNorm1d(hidden_mlp), nn.ReLU(inplace=True), nn.Linear(hidden_mlp, feat_dim))
@@ -129,7 +130,8 @@ class SwAVModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "SwAVModel":
-        return cls(cfg.arch, cfg.width, cfg.channels, cfg.small_stem, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
+        return cls(cfg.arch, cfg.width, cfg.channels, cfg.small_stem, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes,
+                   stem_stride=cfg.stem_stride)
 
     def project(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.normalize(self.projection_head(features), dim=1, p=2)

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from swav_train import checkpoint, distributed, guard
 from swav_train.augment import MultiCrop
+from swav_train.batch_augment import BatchCropLoader
 from swav_train.config import ConfigError, TrainConfig
-from swav_train.data import DataError, ImageFolderDataset, training_dataset
+from swav_train.data import ArrayImageDataset, DataError, ImageFolderDataset, training_dataset
 from swav_train.distributed import DistContext
 from swav_train.loss import LossStats, SwAVLoss
 from swav_train.model import SwAVModel, to_channels_last
@@ -59,6 +60,14 @@ def unwrap(model: nn.Module) -> SwAVModel:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
@@ -66,7 +75,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type != "cuda":
-        raise ConfigError(f"precision={precision} needs a CUDA device; use fp32 on CPU")
+        if precision == "bf16" and cpu_has_native_bf16():
+            return torch.bfloat16
+        why = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if precision == "bf16" else "it needs a CUDA device"
+        raise ConfigError(f"precision={precision} cannot run here: {why}; use fp32")
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -165,18 +177,28 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(cfg: TrainConfig, dataset, ctx: DistContext, epoch: int) -> DataLoader:
-    # The data order and the workers' augmentation seeds derive from (seed, epoch),
-    # so a resumed run sees exactly the batches an uninterrupted one would.
+def _loader(cfg: TrainConfig, dataset, ctx: DistContext, epoch: int, iters_per_epoch: int):
+    # The data order and the augmentation seeds derive from (seed, epoch), so a resumed run
+    # sees exactly the batches an uninterrupted one would.
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
     sampler = None
     if ctx.distributed:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
+    if cfg.tensor_augment:
+        order = list(sampler) if sampler is not None else torch.randperm(len(dataset), generator=gen)
+        return BatchCropLoader(_image_tensor(dataset), order, cfg, epoch, ctx.rank, iters_per_epoch)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                       generator=gen, num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
                       drop_last=True, collate_fn=_collate_crops)
+
+
+def _image_tensor(dataset) -> torch.Tensor:
+    """The in-memory images of an array data set as one uint8 tensor (shared, not copied)."""
+    if not isinstance(dataset, ArrayImageDataset):
+        raise ConfigError("augment=tensor needs a data set held in memory (dataset=fashion-mnist)")
+    return torch.from_numpy(np.array(dataset.images))  # a writable copy: IDX arrays are read-only views
 
 
 def _collate_crops(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -336,7 +358,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
 def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_epoch, queue, autocast_dtype,
                scaler, runlog: RunLog, result: TrainResult) -> None:
     model.train()
-    loader = _loader(cfg, dataset, ctx, epoch)
+    loader = _loader(cfg, dataset, ctx, epoch, iters_per_epoch)
     images_per_step = cfg.batch_size * ctx.world_size
     bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
