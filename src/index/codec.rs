@@ -1,6 +1,8 @@
-//! The binary layout of one item, shared by the log and the snapshots.
+//! The binary layouts shared by the index's files: the frame of a whole file (snapshot items,
+//! graph), one item (log and snapshots), and the one bounds-checked reader all of them decode with.
 //!
-//! All integers are little-endian. An item is:
+//! A framed file is `magic (8 bytes) | version u32 | body | crc32 u32`, the CRC over every byte
+//! before it. All integers are little-endian. An item is:
 //! `id_len u32 | id utf-8 | cluster u32 | meta_len u32 (u32::MAX = none) | meta json | dim × f32`.
 //! Where a format carries thumbnails (log op 3, snapshot version 2), each item is followed by
 //! `thumb_len u32 (u32::MAX = none) | encoded image bytes`.
@@ -64,7 +66,42 @@ pub(crate) fn put_thumbnail(out: &mut Vec<u8>, thumbnail: Option<&[u8]>) {
     }
 }
 
+/// Bytes of a framed file besides its body: magic, version and CRC.
+const FRAME_OVERHEAD: usize = 8 + 4 + 4;
+
+/// Starts a framed file: its magic and version, with room for `body` more bytes.
+pub(crate) fn begin_file(magic: &[u8; 8], version: u32, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.saturating_add(FRAME_OVERHEAD));
+    out.extend_from_slice(magic);
+    put_u32(&mut out, version);
+    out
+}
+
+/// Ends a framed file begun with [`begin_file`]: appends the CRC of everything written.
+pub(crate) fn end_file(mut out: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&out);
+    put_u32(&mut out, crc);
+    out
+}
+
+/// Checks a framed file's length, magic and CRC, and returns its version and a reader of its
+/// body. `what` names the file in errors ("swav snapshot").
+pub(crate) fn open_file<'a>(bytes: &'a [u8], magic: &[u8; 8], what: &str) -> Result<(u32, Reader<'a>), String> {
+    if bytes.len() < FRAME_OVERHEAD || &bytes[..8] != magic {
+        return Err(format!("not a {what} (bad magic)"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let mut crc = Reader::new(crc);
+    if crc32fast::hash(body) != crc.u32("checksum")? {
+        return Err(format!("{what} fails its checksum"));
+    }
+    let mut r = Reader::new(&body[8..]);
+    let version = r.u32("version")?;
+    Ok((version, r))
+}
+
 /// A bounds-checked reader; every error names what it was reading.
+#[derive(Debug)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -91,6 +128,11 @@ impl<'a> Reader<'a> {
         Ok(self.bytes(1, what)?[0])
     }
 
+    pub fn u16(&mut self, what: &str) -> Result<u16, String> {
+        let b = self.bytes(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
     pub fn u32(&mut self, what: &str) -> Result<u32, String> {
         let b = self.bytes(4, what)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -101,6 +143,11 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
+    }
+
+    /// Ok when every byte was read: `what` names what the data should end with.
+    pub fn end(&self, what: &str) -> Result<(), String> {
+        if self.is_empty() { Ok(()) } else { Err(format!("trailing bytes after the {what}")) }
     }
 
     pub fn string(&mut self, what: &str) -> Result<String, String> {
@@ -146,6 +193,30 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framed_file_round_trips_and_refuses_damage() {
+        let mut out = begin_file(b"TESTFIL1", 7, 4);
+        put_u32(&mut out, 42);
+        let file = end_file(out);
+        assert_eq!(file.len(), 8 + 4 + 4 + 4);
+        let (version, mut r) = open_file(&file, b"TESTFIL1", "test file").unwrap();
+        assert_eq!((version, r.u32("x").unwrap()), (7, 42));
+        assert!(r.end("x").is_ok());
+        assert!(open_file(&file, b"OTHERFIL", "test file").unwrap_err().contains("bad magic"));
+        for cut in 0..file.len() {
+            assert!(open_file(&file[..cut], b"TESTFIL1", "test file").is_err(), "cut at {cut}");
+        }
+        for i in 8..file.len() {
+            let mut bad = file.clone();
+            bad[i] ^= 0x10;
+            assert!(open_file(&bad, b"TESTFIL1", "test file").unwrap_err().contains("checksum"), "flip at {i}");
+        }
+        let mut r = Reader::new(&[1, 0, 2]);
+        assert_eq!(r.u16("a").unwrap(), 1);
+        assert!(r.end("a").unwrap_err().contains("trailing"));
+        assert!(r.u16("b").unwrap_err().contains("b runs past the end"));
+    }
 
     #[test]
     fn item_round_trips_with_and_without_metadata() {

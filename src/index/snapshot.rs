@@ -10,7 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::codec::{ItemRecord, Reader, put_item_parts, put_thumbnail, put_u32, put_u64};
+use super::codec::{ItemRecord, begin_file, end_file, open_file, put_item_parts, put_thumbnail, put_u32, put_u64};
 use super::error::IndexError;
 use super::faults::{FaultPoint, Faults};
 use super::graph::{GRAPH_FILE, Graph, GraphParams};
@@ -20,6 +20,8 @@ const MAGIC: &[u8; 8] = b"SWAVSNP1";
 /// Version 2 follows every slot with its optional thumbnail; version 1 (no thumbnails) still reads.
 const VERSION: u32 = 2;
 const ITEMS_FILE: &str = "items.bin";
+/// Where the item count sits: after the magic, version, dimension and sequence number.
+const COUNT_AT: std::ops::Range<usize> = 24..32;
 const PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-snapshot-";
 const DAMAGED_PREFIX: &str = "damaged-snapshot-";
@@ -40,9 +42,7 @@ pub(crate) struct Encoder {
 
 impl Encoder {
     pub fn new(dim: usize, seq: u64, capacity: usize) -> Self {
-        let mut buf = Vec::with_capacity(32 + capacity * (dim * 4 + 48));
-        buf.extend_from_slice(MAGIC);
-        put_u32(&mut buf, VERSION);
+        let mut buf = begin_file(MAGIC, VERSION, 24 + capacity * (dim * 4 + 48));
         put_u32(&mut buf, dim as u32);
         put_u64(&mut buf, seq);
         put_u64(&mut buf, 0); // count, patched in finish()
@@ -57,10 +57,8 @@ impl Encoder {
     }
 
     pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.buf[24..32].copy_from_slice(&self.count.to_le_bytes());
-        let crc = crc32fast::hash(&self.buf);
-        put_u32(&mut self.buf, crc);
-        self.buf
+        self.buf[COUNT_AT].copy_from_slice(&self.count.to_le_bytes());
+        end_file(self.buf)
     }
 }
 
@@ -212,15 +210,7 @@ pub(crate) fn prune(index_dir: &Path) -> Result<(), IndexError> {
 }
 
 pub(crate) fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, String> {
-    if bytes.len() < 36 || &bytes[..8] != MAGIC {
-        return Err("not a swav snapshot (bad magic)".to_string());
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-        return Err("checksum mismatch".to_string());
-    }
-    let mut r = Reader::new(&body[8..]);
-    let version = r.u32("version")?;
+    let (version, mut r) = open_file(bytes, MAGIC, "swav snapshot")?;
     if version != 1 && version != VERSION {
         return Err(format!("unknown snapshot version {version}"));
     }
@@ -239,9 +229,7 @@ pub(crate) fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, S
         };
         slots.push((live, if version == 1 { r.item(dim)? } else { r.item_with_thumbnail(dim)? }));
     }
-    if !r.is_empty() {
-        return Err("trailing bytes after the items".to_string());
-    }
+    r.end("items")?;
     Ok(Snapshot { seq, slots, dir: dir.to_path_buf() })
 }
 
@@ -285,7 +273,7 @@ mod tests {
         let item = ItemRecord { id: "old".into(), cluster: 1, metadata: Some(super::super::Metadata::from_value(&serde_json::json!({"a": 1}))), vector: vec![1.0, 0.0], thumbnail: None };
         let mut buf = Vec::new();
         buf.extend_from_slice(MAGIC);
-        put_u32(&mut buf, 1);
+        put_u32(&mut buf, 1); // the version
         put_u32(&mut buf, 2);
         put_u64(&mut buf, 4);
         put_u64(&mut buf, 1);

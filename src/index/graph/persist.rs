@@ -1,19 +1,19 @@
 //! The graph's on-disk form, stored in each snapshot as `graph.bin`: the links of every slot,
-//! not the vectors (the snapshot's items hold those). Little-endian, with a trailing CRC-32.
+//! not the vectors (the snapshot's items hold those), in the index's framed-file layout
+//! (`codec::begin_file`: magic, version, body, trailing CRC-32).
 //! Decoding checks every id and level, so a file that passes can never make a search index
 //! out of bounds.
 
 use super::GraphParams;
 use super::layers::{ABSENT, Layers, MAX_LEVEL};
+use crate::index::codec::{begin_file, end_file, open_file};
 
 pub(crate) const GRAPH_FILE: &str = "graph.bin";
 const MAGIC: &[u8; 8] = b"SWAVHNS1";
 const VERSION: u32 = 1;
 
 pub(crate) fn encode(l: &Layers) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + l.slots() * (2 + 4 * (l.m0 + 1)));
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let mut out = begin_file(MAGIC, VERSION, 32 + l.slots() * (2 + 4 * (l.m0 + 1)));
     out.extend_from_slice(&(l.dim as u32).to_le_bytes());
     out.extend_from_slice(&(l.m as u32).to_le_bytes());
     out.extend_from_slice(&(l.slots() as u64).to_le_bytes());
@@ -34,51 +34,11 @@ pub(crate) fn encode(l: &Layers) -> Vec<u8> {
             }
         }
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
-}
-
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl Cursor<'_> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], String> {
-        if self.bytes.len() < n {
-            return Err(format!("graph file ends inside the {what}"));
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-    fn u8(&mut self, what: &str) -> Result<u8, String> {
-        Ok(self.take(1, what)?[0])
-    }
-    fn u16(&mut self, what: &str) -> Result<u16, String> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
-        let b = self.take(4, what)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self, what: &str) -> Result<u64, String> {
-        let b = self.take(8, what)?;
-        Ok(u64::from_le_bytes(b.try_into().map_err(|_| "short read".to_string())?))
-    }
+    end_file(out)
 }
 
 pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec<f32>) -> Result<Layers, String> {
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
-        return Err("not a swav graph file (bad magic)".into());
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-        return Err("graph file fails its checksum".into());
-    }
-    let mut r = Cursor { bytes: &body[8..] };
-    let version = r.u32("version")?;
+    let (version, mut r) = open_file(bytes, MAGIC, "swav graph file")?;
     if version != VERSION {
         return Err(format!("unknown graph file version {version}"));
     }
@@ -121,9 +81,7 @@ pub(crate) fn decode(bytes: &[u8], params: GraphParams, dim: usize, vectors: Vec
             lists.push((node, lc, ids));
         }
     }
-    if !r.bytes.is_empty() {
-        return Err("trailing bytes after the graph".into());
-    }
+    r.end("graph")?;
     // Links are checked once every level is known: a link on level lc must point at a node
     // that exists on level lc.
     for (node, lc, ids) in lists {
