@@ -68,7 +68,7 @@ fn main() {
     println!("{{\"library\": \"swav\", \"build_seconds\": {build:.2}, \"n\": {n}}}");
     for &ef in &efs {
         report("swav", ef, &queries, dim, &truth, |q| {
-            index.search(q, 10, Some(ef), None).expect("search").iter().map(|h| h.id.parse().unwrap_or(-1)).collect()
+            index.search(q, 10, Some(ef), None).expect("search").iter().map(|h| h.item.id.parse().unwrap_or(-1)).collect()
         });
     }
     drop(index);

@@ -136,7 +136,7 @@ fn verify(dir: &Path, exp: &mut Expected, round: u64) -> usize {
     for id in &exp.present {
         assert!(index.contains(id), "round {round}: acknowledged {id} is missing");
         let hits = index.search(&vector_of(id), 1, Some(128), None).unwrap();
-        assert_eq!(&hits[0].id, id, "round {round}: {id} does not find itself first");
+        assert_eq!(&hits[0].item.id, id, "round {round}: {id} does not find itself first");
     }
     for id in &exp.absent {
         assert!(!index.contains(id), "round {round}: acknowledged delete of {id} undone");

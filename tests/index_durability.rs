@@ -15,7 +15,7 @@ fn log_path(dir: &Path) -> std::path::PathBuf {
 fn assert_finds_itself(index: &Index, data: &[(Vec<f32>, u32)], range: std::ops::Range<usize>, prefix: &str) {
     for (i, (v, _)) in data.iter().enumerate().take(range.end).skip(range.start) {
         let hits = index.search(v, 1, Some(100), None).unwrap();
-        assert_eq!(hits[0].id, format!("{prefix}{i}"), "{prefix}{i} is not its own nearest neighbour");
+        assert_eq!(hits[0].item.id, format!("{prefix}{i}"), "{prefix}{i} is not its own nearest neighbour");
     }
 }
 
@@ -204,7 +204,7 @@ fn a_snapshot_with_tombstones_reopens_with_its_stored_graph() {
     assert!(!index.contains("t0"));
     assert_finds_itself(&index, &data, 10..300, "t");
     let hits = index.search(&data[0].0, 20, None, None).unwrap();
-    assert!(hits.iter().all(|h| h.id != "t0"), "tombstone came back after reopening");
+    assert!(hits.iter().all(|h| h.item.id != "t0"), "tombstone came back after reopening");
 
     // A damaged graph file costs a rebuild, never data.
     drop(index);

@@ -17,7 +17,7 @@ fn recall_at_10_against_exact_search_meets_target() {
         let hits = index.search(q, 10, None, None).unwrap();
         assert_eq!(hits.len(), 10);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score), "scores not sorted");
-        found += hits.iter().filter(|h| truth.contains(&h.id)).count();
+        found += hits.iter().filter(|h| truth.contains(&h.item.id)).count();
     }
     let recall = found as f64 / (10.0 * queries.len() as f64);
     assert!(recall >= 0.95, "recall@10 {recall} below 0.95 at the default ef");
@@ -33,9 +33,9 @@ fn cluster_filter_returns_only_that_cluster_and_finds_its_nearest() {
     for c in 0..10u32 {
         let hits = index.search(q, 10, None, Some(c)).unwrap();
         assert_eq!(hits.len(), 10, "cluster {c}");
-        assert!(hits.iter().all(|h| h.cluster == c), "cluster {c}: {hits:?}");
+        assert!(hits.iter().all(|h| h.item.cluster == c), "cluster {c}: {hits:?}");
         let truth: Vec<String> = exact_top(&data, q, 10, Some(c)).into_iter().map(|i| format!("v{i}")).collect();
-        let overlap = hits.iter().filter(|h| truth.contains(&h.id)).count();
+        let overlap = hits.iter().filter(|h| truth.contains(&h.item.id)).count();
         assert!(overlap >= 8, "cluster {c}: only {overlap}/10 of the exact in-cluster neighbours");
     }
     assert!(index.search(q, 10, None, Some(99)).unwrap().is_empty());
@@ -59,7 +59,7 @@ fn add_get_delete_readd_and_replace() {
     assert!(!index.contains("id-0") && index.get("id-0").is_none());
     let hits = index.search(&data[0].0, 300, Some(400), None).unwrap();
     assert_eq!(hits.len(), 299);
-    assert!(hits.iter().all(|h| h.id != "id-0"), "deleted item found");
+    assert!(hits.iter().all(|h| h.item.id != "id-0"), "deleted item found");
 
     // Re-add with another vector and cluster: the new one replaces, never duplicates.
     let other = data[1].0.clone();
@@ -70,7 +70,7 @@ fn add_get_delete_readd_and_replace() {
     assert_eq!(index.get("id-0").unwrap().cluster, 8);
     assert_eq!(index.len(), 300);
     let hits = index.search(&other, 300, Some(400), None).unwrap();
-    assert_eq!(hits.iter().filter(|h| h.id == "id-0").count(), 1);
+    assert_eq!(hits.iter().filter(|h| h.item.id == "id-0").count(), 1);
     assert!(index.cluster_items(7, 10, 0).items.is_empty(), "replaced item left in its old cluster");
     assert_eq!(index.stats().tombstones, 2);
 }
@@ -93,9 +93,9 @@ fn compaction_drops_tombstones_and_keeps_every_live_item_findable() {
     for (i, (v, _)) in data.iter().enumerate() {
         let hits = index.search(v, 1, None, None).unwrap();
         if i % 3 == 0 {
-            assert_ne!(hits[0].id, format!("v{i}"));
+            assert_ne!(hits[0].item.id, format!("v{i}"));
         } else {
-            assert_eq!(hits[0].id, format!("v{i}"), "item {i} not its own nearest after compaction");
+            assert_eq!(hits[0].item.id, format!("v{i}"), "item {i} not its own nearest after compaction");
         }
     }
     drop(index);
@@ -130,8 +130,8 @@ fn search_by_id_leaves_out_the_item_itself() {
     index.add(items(&data, "s")).unwrap();
     let hits = index.search_by_id("s5", 5, None, None).unwrap();
     assert_eq!(hits.len(), 5);
-    assert!(hits.iter().all(|h| h.id != "s5"));
-    assert_eq!(hits[0].id, format!("s{}", exact_top(&data, &data[5].0, 2, None)[1]));
+    assert!(hits.iter().all(|h| h.item.id != "s5"));
+    assert_eq!(hits[0].item.id, format!("s{}", exact_top(&data, &data[5].0, 2, None)[1]));
     assert!(index.search_by_id("missing", 5, None, None).is_none());
 }
 
@@ -220,15 +220,15 @@ fn searches_run_during_writes_and_never_see_a_half_inserted_item() {
                     let hits = index.search(&data[pick].0, 5, Some(64), None).unwrap();
                     let writing = started.load(Ordering::SeqCst);
                     for h in &hits {
-                        let b = batch_of(&h.id);
-                        assert!(b < writing, "{} comes from a batch not yet being written", h.id);
-                        let meta = h.metadata.as_ref().expect("a visible item has its metadata").to_value();
-                        assert_eq!(meta["batch"], b, "{} has another item's metadata", h.id);
-                        assert!(index.get(&h.id).is_some(), "{} was returned but cannot be read", h.id);
+                        let b = batch_of(&h.item.id);
+                        assert!(b < writing, "{} comes from a batch not yet being written", h.item.id);
+                        let meta = h.item.metadata.as_ref().expect("a visible item has its metadata").to_value();
+                        assert_eq!(meta["batch"], b, "{} has another item's metadata", h.item.id);
+                        assert!(index.get(&h.item.id).is_some(), "{} was returned but cannot be read", h.item.id);
                     }
                     if pick < known {
                         let want = format!("c{pick}");
-                        assert!(hits.iter().any(|h| h.id == want), "acknowledged {want} not found by its own vector");
+                        assert!(hits.iter().any(|h| h.item.id == want), "acknowledged {want} not found by its own vector");
                     }
                 }
             });

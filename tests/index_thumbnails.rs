@@ -95,10 +95,10 @@ fn an_index_written_before_thumbnails_opens_and_takes_new_ones() {
         assert_eq!(index.len(), 49);
         assert!(!index.contains("old0"));
         for (i, (v, _)) in old.iter().enumerate().skip(1) {
-            assert_eq!(index.search(v, 1, Some(100), None).unwrap()[0].id, format!("old{i}"));
+            assert_eq!(index.search(v, 1, Some(100), None).unwrap()[0].item.id, format!("old{i}"));
             assert!(index.thumbnail(&format!("old{i}")).is_none());
         }
-        assert_eq!(index.search(&late[3].0, 1, Some(100), None).unwrap()[0].id, "late3");
+        assert_eq!(index.search(&late[3].0, 1, Some(100), None).unwrap()[0].item.id, "late3");
         assert_eq!(index.get("old5").unwrap().metadata.map(|m| m.to_value()), Some(serde_json::json!({"n": 5})));
         index.add(with_thumbnails(&clustered(3, 1, 0.5, 7), "new")).unwrap();
         index.snapshot().unwrap();

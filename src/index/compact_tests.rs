@@ -74,7 +74,7 @@ fn writes_during_a_compaction_are_carried_over_and_a_second_one_is_refused() {
     }
     for id in &written {
         let v = index.vector(id).unwrap_or_else(|| panic!("{id}, written during the compaction, was lost"));
-        assert_eq!(index.search(&v, 1, Some(64), None).unwrap()[0].id, *id);
+        assert_eq!(index.search(&v, 1, Some(64), None).unwrap()[0].item.id, *id);
     }
     for id in &deleted {
         assert!(!index.contains(id), "{id}, deleted during the compaction, came back");

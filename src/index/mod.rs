@@ -118,13 +118,14 @@ pub struct ItemInfo {
     pub metadata: Option<Metadata>,
 }
 
+/// A search result: the item as `get` returns it, and its score. In JSON the item's fields sit
+/// beside `score`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Hit {
-    pub id: String,
+    #[serde(flatten)]
+    pub item: ItemInfo,
     /// Cosine similarity to the query.
     pub score: f32,
-    pub cluster: u32,
-    pub metadata: Option<Metadata>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -808,10 +809,7 @@ impl Inner {
         }
         prefetch_records(&st, &hits);
         hits.into_iter()
-            .map(|(slot, score)| {
-                let info = item_info(&st, slot);
-                Hit { id: info.id, score, cluster: info.cluster, metadata: info.metadata }
-            })
+            .map(|(slot, score)| Hit { item: item_info(&st, slot), score })
             .collect()
     }
 

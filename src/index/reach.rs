@@ -41,7 +41,7 @@ fn assert_all_findable(index: &Index, when: &str) {
     for id in &live {
         let v = index.vector(id).unwrap();
         let hits = index.search(&v, 10, Some(64), None).unwrap();
-        if !hits.iter().any(|h| &h.id == id) {
+        if !hits.iter().any(|h| &h.item.id == id) {
             lost.push(id.clone());
         }
     }
@@ -124,7 +124,7 @@ fn concurrent_writers_of_one_image_under_the_same_ids_leave_every_item_findable(
         index.add(vec![item(&format!("d{i}"), &image)]).unwrap();
     }
     let hits = index.search(&image, 10, Some(64), None).unwrap();
-    let found = hits.iter().filter(|h| h.id.starts_with('d')).count();
+    let found = hits.iter().filter(|h| h.item.id.starts_with('d')).count();
     assert_eq!(found, 5, "all five copies of the image must be found: {hits:?}");
     assert_all_findable(&index, "live");
     drop(index);
@@ -169,7 +169,7 @@ fn many_copies_of_one_vector_under_different_ids_are_all_found() {
     }
     index.check_graph().unwrap();
     let hits = index.search(&v, 100, Some(200), None).unwrap();
-    assert_eq!(hits.iter().filter(|h| h.id.starts_with("copy")).count(), 80, "every copy must be found");
+    assert_eq!(hits.iter().filter(|h| h.item.id.starts_with("copy")).count(), 80, "every copy must be found");
     drop(index);
     let index = open(dir.path());
     index.check_graph().unwrap();
