@@ -50,8 +50,8 @@ pub struct BuildArgs {
     #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Most images per ONNX Runtime call; a worker's batch runs in slices of this size.
-    /// Default on CPU: 16, whose activations stay in a core's cache (for the default model 7 %
-    /// less CPU per image than 128; BENCHMARKS.md, "Index"). Default on CUDA: the whole batch.
+    /// Default on CPU: 16, whose activations stay in a core's cache (less CPU per image than
+    /// whole batches; BENCHMARKS.md, "What was tried and dropped"). Default on CUDA: the whole batch.
     #[arg(long, env = "SWAV_INDEX_INFERENCE_BATCH", value_parser = at_least_one)]
     pub inference_batch: Option<usize>,
     /// Decoding threads. Default: the number of cores.
@@ -59,8 +59,8 @@ pub struct BuildArgs {
     pub threads: Option<usize>,
     /// Inference workers, each with its own ONNX Runtime session running whole batches.
     /// Default on CPU: the number of cores, so each session runs single-threaded (intra-op
-    /// threads default to cores / workers): on 2 cores that beat one session with 2 threads,
-    /// whose threads wait on each other while decoding and graph inserts take the other core
+    /// threads default to cores / workers): faster than one session with as many threads, whose
+    /// threads wait on each other while decoding and graph inserts take the other cores
     /// (BENCHMARKS.md, "Index"). Default on CUDA: 1.
     #[arg(long, env = "SWAV_INDEX_WORKERS")]
     pub workers: Option<usize>,

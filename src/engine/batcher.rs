@@ -8,7 +8,7 @@
 //!
 //! A batch waits for company only while more images are on their way: callers announce an image
 //! before decoding it ([`Batcher::announce`]). A lone request therefore never pays `max_delay`
-//! (measured: at one client, p50 latency 1.12 ms with the wait, against the Python peer's 0.85).
+//! (a fixed wait made a lone client slower: BENCHMARKS.md, "What was tried and dropped").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,8 +33,8 @@ pub struct BatcherConfig {
 impl Default for BatcherConfig {
     fn default() -> Self {
         BatcherConfig {
-            // 64 beat 32 for the default model on 2 cores, most with multi-image requests
-            // (BENCHMARKS.md, "Serving").
+            // 64 served more images per second than 32 for the default model, most with
+            // multi-image requests (BENCHMARKS.md, "What was tried and dropped").
             max_batch_size: 64,
             max_delay: Duration::from_micros(500),
             queue_capacity: 1024,

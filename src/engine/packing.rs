@@ -3,7 +3,8 @@
 //!
 //! On CPUs with AVX-512, ONNX Runtime runs convolutions in a layout of blocks of 16 channels
 //! (NCHWc). A layer with 8 channels still computes 16, half of them padding, and a ResNet of
-//! width 8 spends about 40 % of its time in such layers at full resolution. Packing `P = 16 / C`
+//! width 8 spends much of its time in such layers at full resolution (BENCHMARKS.md, "Batch
+//! packing in the engine"). Packing `P = 16 / C`
 //! images into the channels of one ("batch-to-channel") makes those layers exactly one block
 //! wide: the batch `[N, C, H, W]` is reshaped to `[N / P, P·C, H, W]` (image p's channels at
 //! p·C..), each convolution gets block-diagonal weights (image p's outputs read only image p's

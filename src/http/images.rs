@@ -66,8 +66,8 @@ pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOu
 
 /// Refuses before the body is read unless the queue could take a request of the size recent
 /// requests had. Under overload, clients that retry at once would otherwise have their bodies
-/// read and parsed only to be refused by [`infer_images`]; at 64 clients sending 64 images each
-/// that cost two thirds of the goodput (BENCHMARKS.md, "Overload"). Near a full queue this
+/// read and parsed only to be refused by [`infer_images`], which cost most of the goodput under
+/// overload (BENCHMARKS.md, "Overload"). Near a full queue this
 /// refuses some requests smaller than the recent ones that would have fitted.
 pub fn room_for_a_request(state: &AppState) -> Result<(), ApiError> {
     let typical = state.batcher.typical_request().min(state.limits.max_images);

@@ -944,9 +944,8 @@ fn exact_scan(st: &State, q: &[f32], k: usize, accept: &dyn Fn(usize) -> bool, c
 }
 
 /// Starts loading every hit's record, id and metadata before they are read. They sit apart in
-/// memory, and reading them one by one queued their cache misses (16 % of a search at ef 10);
-/// started together, the misses overlap: single-thread queries/s at ef 10 to 64 rose 6 to 25 %
-/// (BENCHMARKS.md, "Index").
+/// memory, and reading them one by one queued their cache misses; started together, the
+/// misses overlap, which raised single-thread queries/s most at small ef.
 fn prefetch_records(st: &State, hits: &[(usize, f32)]) {
     for &(slot, _) in hits {
         graph::prefetch(std::slice::from_ref(&st.slots[slot]));

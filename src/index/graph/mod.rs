@@ -1,8 +1,9 @@
 //! The HNSW graph over unit vectors. It knows internal slot numbers only.
 //!
-//! This is our own HNSW, not hnsw_rs's. On the model's 64-d embeddings hnsw_rs searched 7 to 8
-//! times slower than hnswlib at equal recall and built 6 times slower (BENCHMARKS.md, "Index"):
-//! its search allocates per candidate, hashes its visited set and locks every neighbour list.
+//! This is our own HNSW, not hnsw_rs's. On the model's embeddings hnsw_rs searched and built
+//! several times slower than hnswlib at equal recall (figures: BENCHMARKS.md, "Index" and "What
+//! was tried and dropped"): its search allocates per candidate, hashes its visited set and locks
+//! every neighbour list.
 //! Here the links are flat arrays, the visited set is a stamp array, and the distance kernel is
 //! picked once for the CPU. The benchmark example still runs hnsw_rs beside it.
 //!
@@ -81,7 +82,7 @@ impl Graph {
 
     /// Plans a few points under one shared lock, then links them under one exclusive lock:
     /// taking the exclusive lock per point made parallel inserts wait on each other's whole
-    /// search (measured: 1.1 CPUs busy of 2).
+    /// search, leaving cores idle.
     fn insert_chunk(&self, chunk: &[(&[f32], usize)]) {
         let planned: Vec<_> = {
             let l = self.layers.read();
