@@ -78,6 +78,7 @@ class TrainConfig:
     epoch_queue_starts: int = _f(15, "epoch from which the queue is used")
     # ---- optimisation ----------------------------------------------------
     epochs: int = _f(100, "number of training epochs")
+    time_budget_min: float = _f(0.0, "train for this many minutes instead of a number of epochs (0 = use --epochs): after the first 20 steps the run measures its speed and fixes how many steps fit, and the warmup and cosine decay take the same shares of those steps as of --epochs; for comparing recipes at equal wall-clock; such a run cannot be resumed")
     batch_size: int = _f(64, "images per rank per step")
     base_lr: float = _f(4.8, "learning rate after warmup")
     final_lr: float = _f(0.0048, "learning rate at the end of the cosine schedule")
@@ -273,6 +274,7 @@ def _validate(c: TrainConfig) -> None:
     need(c.queue_length >= 0, "queue_length", "must be >= 0")
     need(c.epoch_queue_starts >= 0, "epoch_queue_starts", "must be >= 0")
     need(c.epochs > 0, "epochs", "must be positive")
+    need(math.isfinite(c.time_budget_min) and c.time_budget_min >= 0, "time_budget_min", "must be a finite number >= 0")
     need(c.batch_size > 1, "batch_size", "must be > 1 (BatchNorm needs more than one sample)")
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", "must lie in [0, epochs)")
     for name in ("base_lr", "final_lr", "start_warmup", "weight_decay", "trust_coefficient"):

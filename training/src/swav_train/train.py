@@ -41,6 +41,50 @@ RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channel
                      "data_dir"}
 
 
+PROBE_STEPS = 20  # steps a --time-budget run times before it fixes its length
+
+
+@dataclass
+class Schedule:
+    """The learning-rate schedule: over cfg.epochs, or over the steps that fit in cfg.time_budget_min."""
+
+    cfg: TrainConfig
+    iters_per_epoch: int
+    total_steps: int = 0
+    warmup_steps: int = 0
+    fixed: bool = True
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> "Schedule":
+        s = cls(cfg, iters_per_epoch, fixed=not cfg.time_budget_min)
+        s._set_total(cfg.epochs * iters_per_epoch)
+        return s
+
+    def _set_total(self, total: int) -> None:
+        self.total_steps = max(1, total)
+        self.warmup_steps = round(self.total_steps * self.cfg.warmup_epochs / self.cfg.epochs)
+
+    def lr(self, step: int) -> float:
+        # Steps as epochs of one iteration: the same warmup-then-cosine rule as the paper's.
+        return learning_rate(step, 1, self.total_steps, self.warmup_steps, self.cfg.base_lr, self.cfg.final_lr,
+                             self.cfg.start_warmup)
+
+    def observe(self, step: int, elapsed_s: float, device: torch.device) -> None:
+        """Under a time budget, fix the run's length once PROBE_STEPS steps have been timed; every
+        rank takes the shortest estimate, so all stop at the same step."""
+        if self.fixed or step + 1 < PROBE_STEPS:
+            return
+        fit = int(self.cfg.time_budget_min * 60 * (step + 1) / max(elapsed_s, 1e-9))
+        fit = -distributed.all_reduce_max(-max(fit, step + 1), device)
+        self._set_total(fit)
+        self.fixed = True
+        log.info("time budget %.1f min: %d steps (%.2f epochs) at the measured speed", self.cfg.time_budget_min,
+                 self.total_steps, self.total_steps / self.iters_per_epoch)
+
+    def done(self, step: int) -> bool:
+        return self.fixed and step + 1 >= self.total_steps
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops."""
 
@@ -52,6 +96,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per iteration, this process's run only
     bundle_dir: Path | None = None
     evaluation: dict | None = None
+    started: float = 0.0  # perf_counter at the first step of this process's run
 
 
 # ---- pieces usable on their own (tests drive them directly) ---------------
@@ -273,6 +318,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     if isinstance(resume, (str, Path)) or (resume and ckpt_path.exists()):
         state = checkpoint.load(ckpt_path)
         _check_resume_config(state["config"], cfg, ckpt_path)
+        if cfg.time_budget_min:
+            raise ConfigError(f"cannot resume from {ckpt_path}: a --time-budget-min run is not resumable "
+                              "(its length depends on the speed it measured); use a new --out directory")
     if ctx.is_main:
         cfg.save(run_dir / "config.json")
 
@@ -336,27 +384,34 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
 
     runlog = RunLog(run_dir, ctx.is_main, append=state is not None)
     result = TrainResult(run_dir=run_dir, epochs_done=start_epoch)
-    last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    schedule = Schedule.of(cfg, iters_per_epoch)
+    budget_done = False
+    # A budgeted run ends when its steps are done, whatever the number of epochs that takes.
+    bound = 2**31 if cfg.time_budget_min else cfg.epochs
+    last_epoch = bound if stop_after_epoch is None else min(bound, stop_after_epoch)
     try:
         for epoch in range(start_epoch, last_epoch):
             if queue is None and cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts:
                 queue = _make_queue(cfg, ctx)
-            _run_epoch(cfg, ctx, ddp_model, loss_fn, optimizer, dataset, epoch, iters_per_epoch,
-                       queue, autocast_dtype, scaler, runlog, result)
+            budget_done = _run_epoch(cfg, ctx, ddp_model, loss_fn, optimizer, dataset, epoch, iters_per_epoch,
+                                     queue, autocast_dtype, scaler, runlog, result, schedule)
             result.epochs_done = epoch + 1
             _save(cfg, ctx, run_dir, model, optimizer, scaler, queue, epoch + 1)
+            if budget_done:
+                break
     finally:
         runlog.close()
 
     # Other ranks do not wait for rank 0's evaluation and export: a long barrier would hit the
     # process group's timeout, and nothing after this point is collective.
-    if finish and result.epochs_done == cfg.epochs and ctx.is_main:
+    if finish and (result.epochs_done == cfg.epochs or budget_done) and ctx.is_main:
         _finish(cfg, run_dir, model, dataset, data_info, result)
     return result
 
 
 def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_epoch, queue, autocast_dtype,
-               scaler, runlog: RunLog, result: TrainResult) -> None:
+               scaler, runlog: RunLog, result: TrainResult, schedule: Schedule) -> bool:
+    """One epoch (or, under a time budget, until the budget's last step); True when that came first."""
     model.train()
     loader = _loader(cfg, dataset, ctx, epoch, iters_per_epoch)
     images_per_step = cfg.batch_size * ctx.world_size
@@ -365,10 +420,12 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
     losses, used = [], []
     rate = None
     t_last = time.perf_counter()
+    if not result.started:
+        result.started = t_last
+    budget_done = False
     for it, crops in enumerate(bar):
         step = epoch * iters_per_epoch + it
-        lr = learning_rate(step, iters_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.base_lr, cfg.final_lr,
-                           cfg.start_warmup)
+        lr = schedule.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         crops = [c.to(ctx.device, non_blocking=True) for c in crops]
@@ -383,17 +440,21 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
         rate = inst if rate is None else 0.9 * rate + 0.1 * inst
         losses.append(loss_value)
         used.append(stats.prototypes_used)
-        remaining = (cfg.epochs * iters_per_epoch - step - 1) * images_per_step / max(rate, 1e-9)
+        schedule.observe(step, now - result.started, ctx.device)
+        remaining = (schedule.total_steps - step - 1) * images_per_step / max(rate, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}",
                         run_eta=tqdm.format_interval(remaining))
-        if it % cfg.log_every == 0 or it == iters_per_epoch - 1:
+        budget_done = schedule.done(step)
+        if it % cfg.log_every == 0 or it == iters_per_epoch - 1 or budget_done:
             runlog.write({"kind": "train", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
                           "images_per_s": rate, "step_images_per_s": inst, "prototypes_used": stats.prototypes_used,
                           "queue_used": stats.queue_used}, step)
+        if budget_done:
+            break
     result.losses.extend(losses)
     mean_loss = float(np.mean(losses))
     mean_used = float(np.mean(used))
-    runlog.write({"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * iters_per_epoch - 1, "loss": mean_loss,
+    runlog.write({"kind": "epoch", "epoch": epoch, "step": epoch * iters_per_epoch + len(losses) - 1, "loss": mean_loss,
                   "prototypes_used": mean_used, "images_per_s": rate}, epoch)
     if ctx.is_main:
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {rate:.1f} images/s", flush=True)
@@ -401,6 +462,7 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
             warning = collapse_warning(cfg, mean_loss, mean_used, cfg.batch_size)
             if warning:
                 log.warning(warning)
+    return budget_done
 
 
 def _save(cfg, ctx, run_dir: Path, model: SwAVModel, optimizer, scaler, queue, epochs_done: int) -> None:
