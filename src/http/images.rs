@@ -34,7 +34,7 @@ pub async fn embed(
     req: Request,
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let q = query(q)?;
-    let kind = OutputKind::parse(q.output.as_deref()).map_err(|m| ApiError::invalid_parameters(m))?;
+    let kind = OutputKind::parse(q.output.as_deref()).map_err(ApiError::invalid_parameters)?;
     if kind == OutputKind::Projection && state.model.manifest.outputs.projection.is_none() {
         return Err(ApiError::no_projection());
     }
@@ -52,7 +52,7 @@ pub async fn assign(
         return Err(ApiError::no_prototypes());
     }
     let options = AssignOptions::new(q.top_k, q.temperature, state.model.manifest.num_prototypes)
-        .map_err(|m| ApiError::invalid_parameters(m))?;
+        .map_err(ApiError::invalid_parameters)?;
     let outputs = infer_request(&state, req).await?;
     Ok(Json(responses::assign_response(&state.model.manifest, options, &outputs)))
 }
