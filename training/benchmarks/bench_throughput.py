@@ -73,10 +73,10 @@ def _run_ours(args, batches) -> float:
 
 def _run_lightly(args, batches) -> float:
     import torch
-    from torch import nn
     from lightly.loss import SwaVLoss
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
     from lightly.utils.lars import LARS
+    from torch import nn
 
     from swav_train.model import ResNetTrunk
 
@@ -171,8 +171,8 @@ def widths(args) -> None:
             if proc.returncode != 0:
                 print(proc.stderr[-2000:])
                 raise SystemExit(f"width {w}: trainer failed")
-            lines = [json.loads(l) for l in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-            steps = [l for l in lines if l["kind"] == "train" and l["epoch"] == 0]
+            records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in records if r["kind"] == "train" and r["epoch"] == 0]
             rates = [s["step_images_per_s"] for s in steps[1:]]  # the first step includes start-up
             print(f"fashion-mnist preset, width {w:3d}: {statistics.mean(rates):6.1f} images/s "
                   f"(steps 2..{len(steps)} of epoch 1, batch {args.preset_batch}, wall {time.perf_counter() - t0:.0f} s)",

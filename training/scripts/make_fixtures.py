@@ -12,7 +12,6 @@ progressive JPEG, 16-bit PNG, palette PNG, EXIF orientation, CMYK JPEG).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import sys

@@ -61,3 +61,37 @@ def test_help_documents_every_field(capsys):
     for name in ("--freeze-prototypes-niters", "--queue-length", "torch.distributed.run", "fashion-mnist preset"):
         assert name in text
     assert "entropic regularisation" in text
+
+
+@pytest.mark.parametrize("values, field, why", [
+    ({"epochs": "3"}, "epochs", "must be an integer, not str"),
+    ({"batch_size": 64.5}, "batch_size", "must be an integer, not float"),
+    ({"batch_size": 64.0}, "batch_size", "must be an integer, not float"),
+    ({"width": True}, "width", "must be an integer, not bool"),
+    ({"base_lr": "0.6"}, "base_lr", "must be a number, not str"),
+    ({"progress": 1}, "progress", "must be true or false, not int"),
+    ({"arch": 18}, "arch", "must be a string, not int"),
+    ({"nmb_crops": 2}, "nmb_crops", "must be a list"),
+    ({"nmb_crops": [2, "6"]}, r"nmb_crops\[1\]", "must be an integer, not str"),
+    ({"mean": [None, 0.4, 0.4]}, r"mean\[0\]", "must be a number, not NoneType"),
+])
+def test_json_values_are_type_checked_against_the_fields(tmp_path, values, field, why):
+    (tmp_path / "c.json").write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=rf"^{field}=.*: {why}"):
+        config.load(tmp_path / "c.json")
+
+
+def test_ints_are_taken_for_floats_and_lists_for_tuples(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"base_lr": 1, "final_lr": 0, "nmb_crops": [2, 4],
+                                                 "size_crops": [28, 16], "min_scale_crops": [1, 0.1],
+                                                 "max_scale_crops": [1, 0.5], "mean": [0, 0, 0]}))
+    c = config.load(tmp_path / "c.json")
+    assert (c.base_lr, c.final_lr, c.min_scale_crops, c.mean) == (1.0, 0.0, (1.0, 0.1), (0.0, 0.0, 0.0))
+    assert type(c.base_lr) is float and type(c.min_scale_crops[0]) is float and c.nmb_crops == (2, 4)
+    # What is saved reads back equal, and keeps the float type.
+    c.save(tmp_path / "back.json")
+    assert config.load(tmp_path / "back.json") == c
+    assert json.loads((tmp_path / "back.json").read_text())["base_lr"] == 1.0
+    # The dataclass itself checks too, whatever built it.
+    with pytest.raises(ConfigError, match="epochs="):
+        TrainConfig(epochs=3.5)

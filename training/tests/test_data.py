@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images
+from conftest import make_images, tiny_config
 from swav_train import cli
 from swav_train.augment import MultiCrop
 from swav_train.data import DataError, ImageFolderDataset, load_fashion_mnist, scan_folder
-from conftest import tiny_config
 
 
 def _run_cli(argv, capsys):
@@ -84,3 +83,22 @@ def test_missing_evaluation_set_fails_before_training(tmp_path, capsys):
     assert code == 2
     assert "nowhere" in err and "--no-evaluate" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_eval_set_check_covers_both_fashion_mnist_splits(tmp_path, fashion_mnist_dir):
+    from swav_train.evaluate import EvalSet
+
+    def only(split_prefix):
+        d = tmp_path / split_prefix
+        d.mkdir()
+        for f in fashion_mnist_dir.iterdir():
+            if f.name.startswith(split_prefix):
+                (d / f.name).symlink_to(f)
+        return d
+
+    EvalSet(fashion_mnist_dir=str(fashion_mnist_dir)).check()
+    # Only the test split: the reference images the probe and kNN train on are missing.
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        EvalSet(fashion_mnist_dir=str(only("t10k"))).check()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
+        EvalSet(fashion_mnist_dir=str(only("train"))).check()

@@ -56,8 +56,14 @@ def test_train_export_parity_manifest(tmp_path, fashion_mnist_dir):
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["onnxruntime_version"] == ort.__version__
     ev = manifest["evaluation"]
     assert ev == json.loads((run / "eval.json").read_text())
-    assert ev["train_size"] == 300 and ev["test_size"] == 100 and 0 <= ev["knn_top1"] <= 1
-    assert 0.1 < ev["linear_probe_top1"] <= 1  # better than nothing on 10 classes is not required, finite is
+    assert ev["train_size"] == 300 and ev["test_size"] == 100
+    # Both accuracies count right answers among the 100 queries, and both are well above chance
+    # (10 classes: 0.1; at least 18 of 100 right by chance has probability 0.01): even this barely
+    # trained net's features separate Fashion-MNIST's classes (measured: kNN 0.26, linear 0.24),
+    # while an evaluation that paired images with the wrong labels would land at chance.
+    for name in ("knn_top1", "linear_probe_top1"):
+        right = ev[name] * ev["test_size"]
+        assert abs(right - round(right)) < 1e-6 and 18 <= round(right) <= 100, (name, ev[name])
     assert set(ev["kmeans_embedding"]) == {"nmi", "ari"}
 
     # onnxruntime against PyTorch, on real preprocessed files and two batch sizes (dynamic axis).
@@ -113,6 +119,6 @@ def test_torchrun_two_processes_train_and_export(tmp_path):
     state = checkpoint.load(run / "checkpoint.pt")
     assert state["epoch"] == 1
     # 32 images / (4 per rank x 2 ranks) = 4 steps per epoch
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(l["step"] for l in lines) == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 3
     assert json.loads((run / "bundle" / "manifest.json").read_text())["schema_version"] == 2

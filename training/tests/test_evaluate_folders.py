@@ -202,3 +202,22 @@ def test_assignment_scores_report_confidence_and_purity():
     three = np.array([[1.0, 0.0, 0.0], [0.05, 0.0, 0.04]])  # the second is near-uniform over 3 at T = 0.1
     assert evaluate.assignment_scores(three, np.array([0, 1]), temperature=0.1)["top_probability_above_half"] == 0.5
     assert evaluate.assignment_scores(three, np.array([0, 1]), temperature=10.0)["top_probability_above_half"] == 0.0
+
+
+def test_knn_and_linear_probe_measure_how_embeddings_separate_labels():
+    from swav_train.evaluate import knn_accuracy, linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+
+    def split(n):
+        y = rng.integers(0, 5, n)
+        return centres[y] + 0.3 * rng.normal(size=(n, 16)), y
+
+    (train_x, train_y), (test_x, test_y) = split(200), split(100)
+    assert knn_accuracy(train_x, train_y, test_x, test_y) == 1.0
+    assert linear_probe_accuracy(train_x, train_y, test_x, test_y) == 1.0
+    # The same embeddings with the labels shuffled: chance (0.2 for 5 classes), give or take.
+    shuffled = rng.permutation(train_y)
+    assert knn_accuracy(train_x, shuffled, test_x, test_y) < 0.4
+    assert linear_probe_accuracy(train_x, shuffled, test_x, test_y) < 0.4

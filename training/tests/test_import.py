@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from conftest import make_images
-from swav_train import cli, export
+from swav_train import checkpoint, cli, export
 from swav_train.importers import CheckpointError, build_model, layouts, synthetic
 
 SMALL = dict(resize=72, crop=64)  # the import allows any size; parity runs fast at 64 px
@@ -49,15 +49,15 @@ def errors_of(state: dict, tmp_path: Path) -> str:
     path = tmp_path / "bad.pth.tar"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as info:
-        layouts.detect(layouts.read(path), path)
+        layouts.detect(checkpoint.read(path), path)
     return str(info.value)
 
 
 # ---- layouts: no export, fast ------------------------------------------------------------------
 
 def test_flat_and_wrapped_files_are_recognised_and_give_the_same_model(files):
-    flat = layouts.detect(layouts.read(files["flat"]), files["flat"])
-    wrapped = layouts.detect(layouts.read(files["wrapped"]), files["wrapped"])
+    flat = layouts.detect(checkpoint.read(files["flat"]), files["flat"])
+    wrapped = layouts.detect(checkpoint.read(files["wrapped"]), files["wrapped"])
     assert (flat.format, wrapped.format) == ("official", "official-checkpoint")
     assert flat.left_out == {}
     assert set(wrapped.left_out) == {"epoch", "optimizer", "amp"} and wrapped.metadata == {"epoch": 800}
@@ -69,7 +69,7 @@ def test_flat_and_wrapped_files_are_recognised_and_give_the_same_model(files):
 
 
 def test_a_width_2_file_gives_its_widths_from_the_shapes(files):
-    w2 = layouts.detect(layouts.read(files["w2"]), files["w2"])
+    w2 = layouts.detect(checkpoint.read(files["w2"]), files["w2"])
     assert (w2.width, w2.base_width, w2.hidden) == (16, 128, 64)
     model = build_model(w2)
     assert model.trunk.out_dim == 16 * 32 and model.trunk.layer1[0].conv1.out_channels == 32  # planes * widen
@@ -86,7 +86,7 @@ def test_torchvision_resnet50_at_full_size_is_a_backbone_with_the_same_features(
     state = synthetic.randomised(tv)
     path = tmp_path / "hub.pth"
     torch.save(state, path)
-    layout = layouts.detect(layouts.read(path), path)
+    layout = layouts.detect(checkpoint.read(path), path)
     assert layout.format == "torchvision-backbone" and layout.prototypes is None and not layout.head
     assert set(layout.left_out) == {"fc.weight", "fc.bias"} and "random" in layout.left_out["fc.weight"]
     assert (layout.width, layout.base_width) == (64, 64)
@@ -132,7 +132,7 @@ def test_batchnorm_counters_may_be_absent(tmp_path):
     state = {k: v for k, v in official_state().items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "old.pth.tar"
     torch.save(state, path)
-    assert layouts.detect(layouts.read(path), path).format == "official"
+    assert layouts.detect(checkpoint.read(path), path).format == "official"
 
 
 def test_other_projects_files_and_unsafe_pickles_are_refused(tmp_path):
@@ -141,7 +141,7 @@ def test_other_projects_files_and_unsafe_pickles_are_refused(tmp_path):
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"x": Path("/tmp")}))  # any class beyond tensors and containers
     with pytest.raises(CheckpointError, match="weights_only=True"):
-        layouts.read(evil)
+        checkpoint.read(evil)
     assert "does not hold a tensor" in errors_of({"module.conv1.weight": "not a tensor"}, tmp_path)
 
 
@@ -174,7 +174,7 @@ def test_flat_file_imports_with_the_official_preprocessing_and_parity(files, tmp
     assert {k: (v or {}).get("dim") for k, v in manifest["outputs"].items()} == \
         {"embedding": 256, "projection": 16, "prototype_scores": 20, "centroid_scores": None}
     assert manifest["num_prototypes"] == 20 and manifest["parity"]["max_abs_diff"] <= 1e-4
-    model = build_model(layouts.detect(layouts.read(files["flat"]), files["flat"]))
+    model = build_model(layouts.detect(checkpoint.read(files["flat"]), files["flat"]))
     batch = np.random.default_rng(5).random((3, 3, 224, 224), dtype=np.float32)
     got = ort_outputs(out, batch)
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_width_2_in_fp16_halves_the_file_and_stays_within_cosine(files, tmp_path
     assert run_import(files["w2"], "--out", out, "--fp16", *[f"--{k}={v}" for k, v in SMALL.items()]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["fp16"] is True and manifest["parity"]["fp16_min_cosine"] >= 0.999
-    layout = layouts.detect(layouts.read(files["w2"]), files["w2"])
+    layout = layouts.detect(checkpoint.read(files["w2"]), files["w2"])
     fp32_bytes = sum(v.numel() * 4 for k, v in layout.trunk.items() if v.is_floating_point())
     assert (out / "model.onnx").stat().st_size < 0.6 * fp32_bytes
     model = build_model(layout)

@@ -26,12 +26,12 @@ def test_stopped_and_resumed_follows_the_uninterrupted_loss_curve(tmp_path, imag
 
     torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses),
                                rtol=1e-5, atol=1e-6)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    a = checkpoint.load(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = checkpoint.load(tmp_path / "split" / "checkpoint.pt")["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    lines = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines if l["kind"] == "epoch"] == [0, 1, 2]
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1, 2]
 
 
 def test_resume_refuses_a_different_config(tmp_path, image_folder):

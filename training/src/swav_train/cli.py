@@ -39,19 +39,12 @@ queue 3840 from epoch 3, 30 epochs.
 """
 
 
-def _parse_type(annotation: str):
-    """(element type, nargs) for a TrainConfig field annotation."""
-    if annotation.startswith("tuple["):
-        inner = annotation[len("tuple["):].split(",")[0].strip()
-        return {"int": int, "float": float, "str": str}[inner], "+"
-    return {"int": int, "float": float, "str": str, "bool": bool}[annotation], None
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     group = parser.add_argument_group("training configuration (defaults shown are the imagenet preset's)")
     for f in dataclasses.fields(TrainConfig):
-        elem, nargs = _parse_type(f.type)
+        elem, is_tuple = config_mod.field_kind(f.type)
+        nargs = "+" if is_tuple else None
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
@@ -256,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("swav_train").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    from swav_train.checkpoint import CheckpointError
     from swav_train.data import DataError
+    from swav_train.distributed import DistributedSetupError
     from swav_train.export import ExportError
     from swav_train.guard import NativeCrashError, TrialStepError
-    from swav_train.importers import CheckpointError
     from swav_train.train import NonFiniteLossError
 
     try:
@@ -274,6 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrialStepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, DataError, ExportError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ExportError, CheckpointError, DistributedSetupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

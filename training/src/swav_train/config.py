@@ -108,6 +108,8 @@ class TrainConfig:
     description: str = _f("", "free-text bundle description")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
         _validate(self)
 
     # -- derived values ----------------------------------------------------
@@ -143,7 +145,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **changes})
 
     def save(self, path: str | Path) -> None:
@@ -160,8 +162,7 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-    coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return TrainConfig(**coerced)
+    return TrainConfig(**values)
 
 
 def load(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -228,6 +229,39 @@ def _fashion_mnist() -> TrainConfig:
 
 
 PRESETS = {"imagenet": _imagenet, "fashion-mnist": _fashion_mnist}
+
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _scalar(name: str, kind: type, value: Any) -> Any:
+    # bool is an int to Python, and JSON's 3.0 is a float: neither is an integer here.
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: must be {_KIND[kind]}, not {type(value).__name__}")
+    return value
+
+
+def field_kind(annotation: Any) -> tuple[type, bool]:
+    """(element type, whether the field is a tuple of them) for a TrainConfig field annotation."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if text.startswith("tuple["):
+        return _SCALARS[text[len("tuple["):].split(",")[0].strip()], True
+    return _SCALARS[text], False
+
+
+def _typed(name: str, annotation: Any, value: Any) -> Any:
+    """`value` checked against the field's annotation: ints become floats where a float is
+    declared, lists become tuples; anything else of the wrong type is a ConfigError."""
+    kind, is_tuple = field_kind(annotation)
+    if not is_tuple:
+        return _scalar(name, kind, value)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}={value!r}: must be a list, each value {_KIND[kind]}")
+    return tuple(_scalar(f"{name}[{i}]", kind, v) for i, v in enumerate(value))
 
 
 def _validate(c: TrainConfig) -> None:

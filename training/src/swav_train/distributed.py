@@ -29,6 +29,10 @@ class DistContext:
         return self.world_size > 1
 
 
+class DistributedSetupError(RuntimeError):
+    """The device or the process group cannot be set up; the message is one line that says why."""
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -36,7 +40,12 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise DistributedSetupError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def setup(device_pref: str = "auto") -> DistContext:
@@ -44,16 +53,27 @@ def setup(device_pref: str = "auto") -> DistContext:
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedSetupError(f"RANK={rank} and WORLD_SIZE={world} do not fit (need 0 <= RANK < WORLD_SIZE)")
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but CUDA is not available")
+        raise DistributedSetupError("device=cuda was requested but CUDA is not available")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        try:
+            torch.cuda.set_device(local_rank)
+        except (RuntimeError, ValueError) as e:
+            raise DistributedSetupError(f"cannot use CUDA device {local_rank} (LOCAL_RANK): {_one_line(e)}") from None
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+        backend = "nccl" if use_cuda else "gloo"
+        try:
+            dist.init_process_group(backend=backend, init_method="env://")
+        except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+            raise DistributedSetupError(f"cannot join the process group as rank {rank} of {world} ({backend}, "
+                                        f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '')!r}, "
+                                        f"MASTER_PORT={os.environ.get('MASTER_PORT', '')!r}): {_one_line(e)}") from None
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

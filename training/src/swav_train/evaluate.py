@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,13 +94,13 @@ class EvalSet:
         return bool(self.train_dir)
 
     @classmethod
-    def of(cls, training: Mapping[str, Any]) -> "EvalSet":
+    def of(cls, training: Mapping[str, Any]) -> EvalSet:
         """From a TrainConfig's dict (a checkpoint's, or a manifest's `training`); older ones lack the folders."""
         return cls(training.get("fashion_mnist_dir") or FASHION_MNIST_DIR, training.get("eval_train_dir") or "",
                    training.get("eval_test_dir") or "")
 
     def override(self, fashion_mnist_dir: str | None = None, train_dir: str | None = None,
-                 test_dir: str | None = None) -> "EvalSet":
+                 test_dir: str | None = None) -> EvalSet:
         """Command-line choices over the recorded ones: folders first, then a Fashion-MNIST directory."""
         if train_dir or test_dir:
             return EvalSet(self.fashion_mnist_dir, train_dir or "", test_dir or "")
@@ -113,11 +114,13 @@ class EvalSet:
         return _fashion_mnist_data(self.fashion_mnist_dir)
 
     def check(self) -> None:
-        """Raise DataError when the set is missing or unusable, without reading every pixel."""
+        """Raise DataError when either split is missing or unusable: the folders are scanned, not
+        decoded; Fashion-MNIST's IDX files are read (both fit in memory in about a second)."""
         if self.uses_folders:
             labelled_folder_pair(self.train_dir, self.test_dir)
         else:
-            load_fashion_mnist(self.fashion_mnist_dir, "t10k")
+            for split in ("train", "t10k"):
+                load_fashion_mnist(self.fashion_mnist_dir, split)
 
 
 # ---- encoders ----------------------------------------------------------------
@@ -173,10 +176,11 @@ def encode_images(encode: Encoder, items: np.ndarray, spec: InputSpec, load: Loa
     (embeddings, projections, prototype scores, indices of the items encoded). An item
     that cannot be decoded is reported and left out."""
     batch_size = batch_size or _batch_size(spec)
-    outs, kept = ([], [], []), []
+    outs: tuple[list[np.ndarray], ...] = ([], [], [])
+    kept: list[int] = []
     for start in range(0, len(items), batch_size):
-        loaded = [(i, _load_or_skip(load, items[i], spec)) for i in range(start, min(start + batch_size, len(items)))]
-        loaded = [(i, t) for i, t in loaded if t is not None]
+        tried = [(i, _load_or_skip(load, items[i], spec)) for i in range(start, min(start + batch_size, len(items)))]
+        loaded = [(i, t) for i, t in tried if t is not None]
         if not loaded:
             continue
         kept += [i for i, _ in loaded]
@@ -270,7 +274,7 @@ def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalS
     proto = test_scores.argmax(axis=1)
     return {
         "dataset": data.name, "classes": list(data.classes),
-        "train_size": int(len(train_y)), "test_size": int(len(test_y)),
+        "train_size": len(train_y), "test_size": len(test_y),
         "skipped_unreadable": data.skipped + tr_lost + te_lost,
         "linear_probe_top1": linear_probe_accuracy(train_emb, train_y, test_emb, test_y),
         "knn_top1": knn_accuracy(train_emb, train_y, test_emb, test_y, num_classes=num_classes),

@@ -52,6 +52,8 @@ def export_onnx(wrapper: torch.nn.Module, channels: int, size: int, path: Path,
         program = torch.onnx.export(
             wrapper, (example,), input_names=["images"], output_names=list(output_names), opset_version=OPSET,
             dynamo=True, external_data=external_data, dynamic_shapes={"images": {0: batch}}, verbose=False)
+    if program is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise ExportError("torch.onnx.export returned no program")
     program.save(str(path), external_data=external_data)
 
 

@@ -159,6 +159,9 @@ class InferenceModel(nn.Module):
     """What the bundle's ONNX graph computes: images in [0, 1] ->
     (embedding, projection, prototype_scores), normalisation inside the graph."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: SwAVModel, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.model = model

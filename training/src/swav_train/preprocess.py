@@ -102,7 +102,7 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
         new = (int(size * w / h), size)
     if new == (w, h):
         return img
-    return img.resize(new, Image.BILINEAR)
+    return img.resize(new, Image.Resampling.BILINEAR)
 
 
 def center_crop(img: Image.Image, height: int, width: int) -> Image.Image:

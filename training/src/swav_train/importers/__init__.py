@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from swav_train import export, preprocess
+from swav_train.checkpoint import CheckpointError, read
 from swav_train.data import scan_folder
-from swav_train.importers.layouts import CheckpointError, Layout, check_widen, detect, read
+from swav_train.importers.layouts import Layout, check_widen, detect
 from swav_train.model import ResNetTrunk
 
-__all__ = ["CheckpointError", "ImportOptions", "ImportedModel", "import_checkpoint", "build_model"]
+__all__ = ["CheckpointError", "ImportOptions", "ImportedModel", "build_model", "import_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class ImportedModel(nn.Module):
                  mean=OFFICIAL_MEAN, std=OFFICIAL_STD):
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.prototypes: torch.Tensor | None
+        self.centroids: torch.Tensor | None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("prototypes", None if prototypes is None else F.normalize(prototypes.float(), dim=1))
@@ -162,7 +167,7 @@ def _kmeans(embeddings: np.ndarray, k: int) -> np.ndarray:
 
 
 def _output_spec(names: tuple[str, ...], dims: dict[str, int]) -> dict:
-    out = {n: None for n in ("embedding", "projection", "prototype_scores", "centroid_scores")}
+    out: dict[str, dict | None] = {n: None for n in ("embedding", "projection", "prototype_scores", "centroid_scores")}
     for n in names:
         out[n] = {"name": n, "dim": dims[n]}
     return out
@@ -248,7 +253,7 @@ def _export(model: ImportedModel, names: tuple[str, ...], spec, batch: np.ndarra
     export.export_onnx(model, 3, spec.height, staged, names, external_data=True)
     diff = export.parity_check(model, staged, batch, names)
     parity = {"onnxruntime_version": ort.__version__, "max_abs_diff": diff,
-              "images": int(len(batch))}
+              "images": len(batch)}
     graph = onnx.load(str(staged))
     if options.fp16:
         export.weights_to_fp16(graph)

@@ -1,5 +1,5 @@
-"""Released checkpoint files: reading them safely, recognising their layout, and mapping every key
-strictly onto a ResNet-50 trunk, the SwAV projection head and the prototypes.
+"""Released checkpoint files (read by `checkpoint.read`, weights only): recognising their layout, and
+mapping every key strictly onto a ResNet-50 trunk, the SwAV projection head and the prototypes.
 
 Layouts (read from facebookresearch/swav: hubconf.py, main_swav.py, src/resnet50.py):
 
@@ -26,16 +26,13 @@ from pathlib import Path
 
 import torch
 
+from swav_train.checkpoint import CheckpointError
 from swav_train.model import ResNetTrunk
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 MAX_ERRORS_SHOWN = 20
 _OPTIONAL = "num_batches_tracked"  # a BatchNorm counter that evaluation never reads; older files lack it
 _HUB_CLASSIFIER = ("fc.weight", "fc.bias")
-
-
-class CheckpointError(ValueError):
-    """The file cannot be imported; the message names the file and every offending key."""
 
 
 @dataclass
@@ -57,21 +54,6 @@ class Layout:
     @property
     def widen(self) -> float:
         return self.width / 64
-
-
-def read(path: str | Path) -> dict:
-    """torch.load with weights_only=True: a user-supplied file may not run code on this machine."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ...
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
-                              f"(swav never executes code from a checkpoint): {type(e).__name__}: {e}") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    return obj
 
 
 def _tensors(d: dict, where: str) -> dict[str, torch.Tensor]:
@@ -157,7 +139,7 @@ def _map(sd: dict[str, torch.Tensor], kind: str, where: str) -> Layout:
         base_width = int(inner.shape[0]) * 64 // width
     model = ResNetTrunk("resnet50", width=width, base_width=base_width)
     expected = model.state_dict()
-    for k, v in expected.items():
+    for k in expected:
         if k not in trunk and not k.endswith(_OPTIONAL):
             errors.append(f"missing key {k!r}")
     for k, v in trunk.items():
