@@ -29,6 +29,8 @@ printf 'python %s\n' "$*" >>"$STUB_LOG"
 case "$*" in
     "-m pip install"*) exit 0 ;;
     "-m pytest"*) printf '%s\n' "$PYTEST_SAYS"; exit "$PYTEST_EXIT" ;;
+    "-m ruff check training") exit "${RUFF_EXIT:-0}" ;;
+    "-m mypy") exit "${MYPY_EXIT:-0}" ;;
 esac
 exit 3
 """
@@ -57,6 +59,17 @@ def test_both_suites_pass(env, tmp_path):
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert "cargo build --locked --bin swav" in calls
     assert any(c.startswith("python -m pytest") and "training/tests tests/python" in c for c in calls)
+    assert "python -m ruff check training" in calls and "python -m mypy" in calls
+
+
+@pytest.mark.parametrize("tool", ["RUFF", "MYPY"])
+def test_lint_or_type_errors_in_the_trainer_fail_the_run_and_pytest_still_runs(env, tmp_path, tool):
+    env[f"{tool}_EXIT"] = "1"
+    result = run_test_script(env)
+    assert result.returncode != 0
+    assert "ruff or mypy found problems in training/" in result.stdout
+    assert "python -m pytest" in (tmp_path / "calls.log").read_text()
+    assert result.stdout.splitlines()[-1] == "total: 15 passed, 1 failed, 2 skipped"
 
 
 def test_failing_rust_tests_fail_the_run_and_python_still_runs(env, tmp_path):

@@ -41,13 +41,13 @@ def child(config: str, mode: str, steps: int, warmup: int, threads: int) -> dict
     import torch
 
     from swav_train import distributed
+    from swav_train.augment import MultiCrop
     from swav_train.config import preset
+    from swav_train.data import training_dataset
     from swav_train.loss import SwAVLoss
     from swav_train.model import SwAVModel, to_channels_last
     from swav_train.optim import LARS
     from swav_train.train import _loader, resolve_precision
-    from swav_train.augment import MultiCrop
-    from swav_train.data import training_dataset
 
     torch.set_num_threads(threads)
     cfg = preset("fashion-mnist").replace(**CONFIGS[config], augment="pil" if mode == "pil" else "tensor",
@@ -110,6 +110,7 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.steps, args.warmup, args.threads)))
         return
     import torch
+
     from swav_train.train import cpu_has_native_bf16
 
     modes = [m for m in MODES if not m.endswith("bf16") or cpu_has_native_bf16()]

@@ -13,7 +13,7 @@ class RandomGaussianBlur:
     """PIL Gaussian blur with probability p and sigma ~ U[lo, hi], as the paper's
     PILRandomGaussianBlur; draws from torch's RNG so that seeding covers it."""
 
-    def __init__(self, p: float, sigma: tuple[float, float]):
+    def __init__(self, p: float, sigma: tuple[float, ...]):
         self.p, self.lo, self.hi = p, float(sigma[0]), float(sigma[1])
 
     def __call__(self, img: Image.Image) -> Image.Image:

@@ -25,7 +25,7 @@ one would.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,9 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], gen:
     # The fallback when no attempt fits: the whole image, cropped to the ratio bounds.
     in_ratio = width / height
     if in_ratio < _RATIO[0]:
-        fw, fh = width, int(round(width / _RATIO[0]))
+        fw, fh = width, round(width / _RATIO[0])
     elif in_ratio > _RATIO[1]:
-        fw, fh = int(round(height * _RATIO[1])), height
+        fw, fh = round(height * _RATIO[1]), height
     else:
         fw, fh = width, height
     rows = torch.arange(n)
@@ -112,7 +112,7 @@ def colour_jitter(x: Tensor, brightness: float, contrast: float, p: float, gen: 
     return torch.where(apply.view(n, 1, 1, 1), out, x)
 
 
-def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], gen: torch.Generator) -> Tensor:
+def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, ...], gen: torch.Generator) -> Tensor:
     """Gaussian blur with probability p and sigma ~ U[sigma], a separable kernel per image."""
     n, c, h, w = x.shape
     apply = torch.rand(n, generator=gen) < p

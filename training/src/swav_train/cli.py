@@ -199,7 +199,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from swav_train import checkpoint, evaluate
+    from swav_train import checkpoint, evaluate, export
 
     target = Path(args.target)
     if target.is_dir():
@@ -210,19 +210,16 @@ def cmd_eval(args) -> int:
         eval_set = eval_set_from_args(evaluate.EvalSet.of(manifest.get("training") or {}), args)
         result = evaluate.evaluate_bundle(target, eval_set, args.eval_train_size, args.eval_test_size)
         if not args.no_update_manifest:
-            manifest["evaluation"] = result
-            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+            export.record_evaluation(target, result)
         out = Path(args.out) if args.out else None
     else:
         model, cfg, _ = checkpoint.model_from_checkpoint(target)
         eval_set = eval_set_from_args(evaluate.EvalSet.of(cfg.to_dict()), args)
         result = evaluate.evaluate_torch(model, cfg, args.eval_train_size, args.eval_test_size, eval_set)
         out = Path(args.out) if args.out else target.parent / "eval.json"
-        run_bundle = target.parent / "bundle" / "manifest.json"
-        if run_bundle.is_file() and not args.no_update_manifest:
-            manifest = json.loads(run_bundle.read_text())
-            manifest["evaluation"] = result
-            run_bundle.write_text(json.dumps(manifest, indent=2) + "\n")
+        run_bundle = target.parent / "bundle"
+        if (run_bundle / "manifest.json").is_file() and not args.no_update_manifest:
+            export.record_evaluation(run_bundle, result)
     text = json.dumps(result, indent=2)
     if out is not None:
         out.write_text(text + "\n")

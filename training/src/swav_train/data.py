@@ -214,7 +214,7 @@ class ArrayImageDataset(Dataset):
 
 
 def training_dataset(dataset: str, data_dir: str, fashion_mnist_dir: str, channels: int,
-                     transform: Callable, max_images: int = 0) -> tuple[Dataset, dict]:
+                     transform: Callable, max_images: int = 0) -> tuple[ArrayImageDataset | ImageFolderDataset, dict]:
     """The unlabelled training set and a description of it for the manifest."""
     if dataset == "fashion-mnist":
         images, _ = load_fashion_mnist(fashion_mnist_dir, "train")

@@ -281,7 +281,7 @@ def evaluate_encoder(encode: Encoder, spec: InputSpec, eval_set: EvalSet = EvalS
         "knn": {"k": KNN_K, "temperature": KNN_T, "metric": "cosine"},
         "kmeans_embedding": clustering_scores(kmeans, test_y),
         "prototype_assignment": {**clustering_scores(proto, test_y),
-                                 "prototypes_used": int(len(np.unique(proto))),
+                                 "prototypes_used": len(np.unique(proto)),
                                  **assignment_scores(test_scores, test_y)},
         # The same kNN and k-means on the normalised projection: which output serves search better.
         "projection": {"knn_top1": knn_accuracy(train_proj, train_y, test_proj, test_y, num_classes=num_classes),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -157,6 +158,21 @@ def write_golden(wrapper: InferenceModel, spec: preprocess.InputSpec, files: lis
     return doc
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    # Through a temporary file and a rename: a reader never sees half a manifest.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def record_evaluation(bundle_dir: str | Path, evaluation: dict) -> None:
+    """Store `evaluation` in BUNDLE_DIR/manifest.json, leaving everything else as it is."""
+    path = Path(bundle_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["evaluation"] = evaluation
+    _write_manifest(path, manifest)
+
+
 def export_bundle(model: SwAVModel, cfg: TrainConfig, out_dir: str | Path, *, dataset: dict | None = None,
                   evaluation: dict | None = None, golden_files: list[Path] | None = None,
                   parity_batch: np.ndarray | None = None) -> Path:
@@ -201,5 +217,5 @@ def export_bundle(model: SwAVModel, cfg: TrainConfig, out_dir: str | Path, *, da
         "golden": golden,
         "model_data": None,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_manifest(out_dir / "manifest.json", manifest)
     return out_dir

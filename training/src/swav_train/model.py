@@ -35,7 +35,7 @@ class ResNetTrunk(nn.Module):
             # Inputs <= 64 px would shrink to nothing under a stride-4 stem. Stride 2 halves the
             # resolution once: on the CPU, resolution costs far more than width (training/BENCHMARKS.md).
             self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+            self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -129,7 +129,7 @@ class SwAVModel(nn.Module):
         self.prototypes = nn.Linear(feat_dim, nmb_prototypes, bias=False)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "SwAVModel":
+    def from_config(cls, cfg: TrainConfig) -> SwAVModel:
         return cls(cfg.arch, cfg.width, cfg.channels, cfg.small_stem, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes,
                    stem_stride=cfg.stem_stride)
 

@@ -12,13 +12,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from swav_train import checkpoint, distributed, guard
@@ -55,7 +55,7 @@ class Schedule:
     fixed: bool = True
 
     @classmethod
-    def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> "Schedule":
+    def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Schedule:
         s = cls(cfg, iters_per_epoch, fixed=not cfg.time_budget_min)
         s._set_total(cfg.epochs * iters_per_epoch)
         return s
@@ -102,7 +102,7 @@ class TrainResult:
 # ---- pieces usable on their own (tests drive them directly) ---------------
 
 def unwrap(model: nn.Module) -> SwAVModel:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    return cast(SwAVModel, model.module if isinstance(model, DistributedDataParallel) else model)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -192,15 +192,16 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool, append: bool):
         self.enabled = enabled
-        self.writer = None
+        self.jsonl: TextIO | None = None
+        self.writer: Any = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             # A resumed run continues the file; a fresh one must not mix with an old run's lines.
-            self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w")
+            self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115 (closed by close())
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any], step: int) -> None:
-        if not self.enabled:
+        if self.jsonl is None:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -209,9 +210,10 @@ class RunLog:
                 self.writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.jsonl is not None:
             self.jsonl.close()
             self.writer.close()
+            self.jsonl = None
 
 
 # ---- the run --------------------------------------------------------------
@@ -226,7 +228,7 @@ def _loader(cfg: TrainConfig, dataset, ctx: DistContext, epoch: int, iters_per_e
     # The data order and the augmentation seeds derive from (seed, epoch), so a resumed run
     # sees exactly the batches an uninterrupted one would.
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + ctx.rank)
-    sampler = None
+    sampler: DistributedSampler | None = None
     if ctx.distributed:
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed, drop_last=True)
@@ -316,7 +318,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     ckpt_path = Path(resume) if isinstance(resume, (str, Path)) else run_dir / CHECKPOINT
     state = None
     if isinstance(resume, (str, Path)) or (resume and ckpt_path.exists()):
-        state = checkpoint.load(ckpt_path)
+        state = checkpoint.load(ckpt_path, required=("epoch", "model", "optimizer", "config"))
         _check_resume_config(state["config"], cfg, ckpt_path)
         if cfg.time_budget_min:
             raise ConfigError(f"cannot resume from {ckpt_path}: a --time-budget-min run is not resumable "
@@ -367,11 +369,13 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
         rank_path = ckpt_path.parent / f"rank{ctx.rank}.pt"
-        rank_state = checkpoint.load(rank_path) if rank_path.exists() else None
+        rank_state = checkpoint.load(rank_path, required=("epoch", "rng", "queue")) if rank_path.exists() else None
         if rank_state is not None and rank_state["epoch"] == start_epoch:
             checkpoint.set_rng_state(rank_state["rng"])
             if rank_state["queue"] is not None:
                 queue = _make_queue(cfg, ctx)
+                if queue is None:
+                    raise checkpoint.CheckpointError(f"{rank_path} holds a queue, but the config has none")
                 queue.load_state_dict(rank_state["queue"])
         else:
             log.warning("no matching per-rank state for rank %d; RNG and queue start afresh", ctx.rank)
@@ -382,25 +386,25 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     if ctx.distributed:
         ddp_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
-    runlog = RunLog(run_dir, ctx.is_main, append=state is not None)
     result = TrainResult(run_dir=run_dir, epochs_done=start_epoch)
-    schedule = Schedule.of(cfg, iters_per_epoch)
-    budget_done = False
+    run = RunState(cfg=cfg, ctx=ctx, model=ddp_model, loss_fn=loss_fn, optimizer=optimizer, dataset=dataset,
+                   iters_per_epoch=iters_per_epoch, autocast_dtype=autocast_dtype, scaler=scaler,
+                   schedule=Schedule.of(cfg, iters_per_epoch),
+                   runlog=RunLog(run_dir, ctx.is_main, append=state is not None), result=result, queue=queue)
     # A budgeted run ends when its steps are done, whatever the number of epochs that takes.
     bound = 2**31 if cfg.time_budget_min else cfg.epochs
     last_epoch = bound if stop_after_epoch is None else min(bound, stop_after_epoch)
     try:
         for epoch in range(start_epoch, last_epoch):
-            if queue is None and cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts:
-                queue = _make_queue(cfg, ctx)
-            budget_done = _run_epoch(cfg, ctx, ddp_model, loss_fn, optimizer, dataset, epoch, iters_per_epoch,
-                                     queue, autocast_dtype, scaler, runlog, result, schedule)
+            if run.queue is None and cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts:
+                run.queue = _make_queue(cfg, ctx)
+            budget_done = _run_epoch(run, epoch)
             result.epochs_done = epoch + 1
-            _save(cfg, ctx, run_dir, model, optimizer, scaler, queue, epoch + 1)
+            _save(cfg, ctx, run_dir, model, optimizer, scaler, run.queue, epoch + 1)
             if budget_done:
                 break
     finally:
-        runlog.close()
+        run.runlog.close()
 
     # Other ranks do not wait for rank 0's evaluation and export: a long barrier would hit the
     # process group's timeout, and nothing after this point is collective.
@@ -409,11 +413,31 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
     return result
 
 
-def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_epoch, queue, autocast_dtype,
-               scaler, runlog: RunLog, result: TrainResult, schedule: Schedule) -> bool:
+@dataclass
+class RunState:
+    """What every epoch of a run works with: set up once by `_train`, then read by `_run_epoch`,
+    which appends to `result`; `queue` appears at `epoch_queue_starts`."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    model: nn.Module  # the DDP wrapper when distributed
+    loss_fn: SwAVLoss
+    optimizer: torch.optim.Optimizer
+    dataset: Dataset
+    iters_per_epoch: int
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    schedule: Schedule
+    runlog: RunLog
+    result: TrainResult
+    queue: EmbeddingQueue | None = None
+
+
+def _run_epoch(run: RunState, epoch: int) -> bool:
     """One epoch (or, under a time budget, until the budget's last step); True when that came first."""
-    model.train()
-    loader = _loader(cfg, dataset, ctx, epoch, iters_per_epoch)
+    cfg, ctx, iters_per_epoch, schedule, result = run.cfg, run.ctx, run.iters_per_epoch, run.schedule, run.result
+    run.model.train()
+    loader = _loader(cfg, run.dataset, ctx, epoch, iters_per_epoch)
     images_per_step = cfg.batch_size * ctx.world_size
     bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
@@ -426,13 +450,13 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
     for it, crops in enumerate(bar):
         step = epoch * iters_per_epoch + it
         lr = schedule.lr(step)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         crops = [c.to(ctx.device, non_blocking=True) for c in crops]
         if cfg.channels_last:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-        loss, stats = train_step(model, loss_fn, optimizer, crops, step, cfg.freeze_prototypes_niters, queue,
-                                 autocast_dtype, scaler)
+        loss, stats = train_step(run.model, run.loss_fn, run.optimizer, crops, step, cfg.freeze_prototypes_niters,
+                                 run.queue, run.autocast_dtype, run.scaler)
         loss_value = loss.item()
         now = time.perf_counter()
         inst = images_per_step / max(now - t_last, 1e-9)
@@ -446,16 +470,16 @@ def _run_epoch(cfg, ctx, model, loss_fn, optimizer, dataset, epoch, iters_per_ep
                         run_eta=tqdm.format_interval(remaining))
         budget_done = schedule.done(step)
         if it % cfg.log_every == 0 or it == iters_per_epoch - 1 or budget_done:
-            runlog.write({"kind": "train", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                          "images_per_s": rate, "step_images_per_s": inst, "prototypes_used": stats.prototypes_used,
-                          "queue_used": stats.queue_used}, step)
+            run.runlog.write({"kind": "train", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
+                              "images_per_s": rate, "step_images_per_s": inst,
+                              "prototypes_used": stats.prototypes_used, "queue_used": stats.queue_used}, step)
         if budget_done:
             break
     result.losses.extend(losses)
     mean_loss = float(np.mean(losses))
     mean_used = float(np.mean(used))
-    runlog.write({"kind": "epoch", "epoch": epoch, "step": epoch * iters_per_epoch + len(losses) - 1, "loss": mean_loss,
-                  "prototypes_used": mean_used, "images_per_s": rate}, epoch)
+    run.runlog.write({"kind": "epoch", "epoch": epoch, "step": epoch * iters_per_epoch + len(losses) - 1,
+                      "loss": mean_loss, "prototypes_used": mean_used, "images_per_s": rate}, epoch)
     if ctx.is_main:
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {rate:.1f} images/s", flush=True)
         if (epoch + 1) * iters_per_epoch > cfg.freeze_prototypes_niters:
@@ -500,14 +524,22 @@ def _finish(cfg: TrainConfig, run_dir: Path, model: SwAVModel, dataset, data_inf
     model = SwAVModel.from_config(cfg)
     model.load_state_dict({k: v.detach().cpu().contiguous() for k, v in trained.items()})
     model.eval()
-    evaluation = None
-    if cfg.evaluate:
-        evaluation = evaluate.evaluate_torch(model, cfg, train_size=cfg.eval_train_size, test_size=cfg.eval_test_size)
-        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-        print("evaluation: " + evaluate.summary(evaluation), flush=True)
-    result.evaluation = evaluation
+    # The bundle first: an evaluation that fails (a missing labelled set, a bad image) must not
+    # cost the trained model. Its manifest gets the evaluation once there is one.
     with tempfile.TemporaryDirectory() as tmp:
         golden = _golden_inputs(dataset, Path(tmp))
         result.bundle_dir = export.export_bundle(model, cfg, run_dir / "bundle", dataset=data_info,
-                                                 evaluation=evaluation, golden_files=golden)
+                                                 golden_files=golden)
     print(f"bundle written to {result.bundle_dir}", flush=True)
+    if not cfg.evaluate:
+        return
+    try:
+        evaluation = evaluate.evaluate_torch(model, cfg, train_size=cfg.eval_train_size, test_size=cfg.eval_test_size)
+    except Exception:
+        log.error("the evaluation failed; the bundle at %s is kept without one (python -m swav_train eval %s "
+                  "evaluates it later)", result.bundle_dir, result.bundle_dir)
+        raise
+    (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    export.record_evaluation(result.bundle_dir, evaluation)
+    result.evaluation = evaluation
+    print("evaluation: " + evaluate.summary(evaluation), flush=True)
