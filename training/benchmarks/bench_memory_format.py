@@ -89,7 +89,7 @@ def main() -> None:
     for name in args.configs:
         cfg = _config(name)
         crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.nmb_crops, cfg.size_crops))
-        print(f"{name}: resnet18 width {cfg.width}, {cfg.channels} ch, {'small' if cfg.small_stem else 'imagenet'} "
+        print(f"{name}: resnet18 width {cfg.width}, {cfg.channels} ch, {cfg.stem if cfg.stem != 'auto' else ('small' if cfg.small_stem else 'imagenet')} "
               f"stem, crops {crops}, batch {cfg.batch_size}", flush=True)
         results: dict[str, list] = {m: [] for m in MODES}
         for _ in range(args.repeats):

@@ -79,7 +79,7 @@ def run_trial(cfg: TrainConfig, device: str) -> Trial:
 def _shape(cfg: TrainConfig) -> str:
     crops = " + ".join(f"{n}x{s} px" for n, s in zip(cfg.nmb_crops, cfg.size_crops))
     fmt = "channels_last" if cfg.channels_last else "contiguous"
-    return (f"{cfg.arch} width {cfg.width}, {cfg.channels} channel(s), {'small' if cfg.small_stem else 'imagenet'} "
+    return (f"{cfg.arch} width {cfg.width}, {cfg.channels} channel(s), {cfg.stem if cfg.stem != 'auto' else ('small' if cfg.small_stem else 'imagenet')} "
             f"stem, crops {crops}, batch {cfg.batch_size}, {fmt}")
 
 
