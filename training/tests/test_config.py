@@ -18,6 +18,7 @@ def test_defaults_are_the_papers():
 def test_fashion_mnist_preset():
     c = config.preset("fashion-mnist")
     assert c.channels == 1 and c.nmb_crops == (2, 4) and c.size_crops == (28, 16) and c.small_stem
+    assert c.stem_stride == 2 and c.width == 32 and c.tensor_augment and c.base_lr == 2.4
 
 
 @pytest.mark.parametrize("change,field", [({"channels": 2}, "channels"), ({"nmb_crops": (2,)}, "size_crops"),
