@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from swav_train import checkpoint as checkpoints
 from swav_train import preprocess
 from swav_train.importers import OFFICIAL_MEAN, OFFICIAL_STD, build_model, layouts, synthetic
 
@@ -171,7 +172,7 @@ def test_import_then_serve_answers_like_pytorch_on_real_photos(swav_bin, tmp_pat
     files = photos(tmp_path)
     with serve(swav_bin, identity_bundle(tmp_path / "identity", 256, 224)) as base:
         tensors = server_tensors(base, files, 224)
-    model = build_model(layouts.detect(layouts.read(checkpoint), checkpoint))
+    model = build_model(layouts.detect(checkpoints.read(checkpoint), checkpoint))
     with torch.no_grad():
         emb, proj, scores = (t.numpy() for t in model(torch.from_numpy(tensors)))
 

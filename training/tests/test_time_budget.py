@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_images, tiny_config
+from swav_train import checkpoint, cli
 from swav_train import train as train_mod
 from swav_train.config import ConfigError
 from swav_train.optim import learning_rate
@@ -35,16 +36,20 @@ def test_schedule_under_a_budget_fits_the_measured_speed():
 
 def test_budgeted_run_stops_on_time_finishes_and_refuses_to_resume(tmp_path):
     folder = make_images(tmp_path / "images", 32)
-    cfg = tiny_config(data_dir=str(folder), epochs=3, warmup_epochs=1, time_budget_min=0.05, log_every=1)
+    tiny_config(data_dir=str(folder), epochs=3, warmup_epochs=1, log_every=1).save(tmp_path / "tiny.json")
     run = tmp_path / "run"
-    result = train_mod.train(cfg, run)
+    # Through the command line, as the README shows it.
+    assert cli.main(["train", "--config", str(tmp_path / "tiny.json"), "--time-budget-min", "0.05",
+                     "--out", str(run)]) == 0
+    cfg = tiny_config(data_dir=str(folder), epochs=3, warmup_epochs=1, log_every=1, time_budget_min=0.05)
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x for x in steps if x["kind"] == "train"]
     last = train_steps[-1]
     # It ran past the 20 probe steps, to the length it fixed, ending the schedule at final_lr.
     assert last["step"] + 1 >= train_mod.PROBE_STEPS
     assert cfg.final_lr <= last["lr"] < cfg.final_lr + 0.05 * (cfg.base_lr - cfg.final_lr)
-    assert result.bundle_dir is not None and (result.bundle_dir / "model.onnx").is_file()
-    assert result.epochs_done == -(-(last["step"] + 1) // 4)  # 32 images / batch 8 = 4 steps per epoch
+    assert (run / "bundle" / "model.onnx").is_file()
+    ckpt = checkpoint.load(run / "checkpoint.pt")
+    assert ckpt["epoch"] == -(-(last["step"] + 1) // 4)  # 32 images / batch 8 = 4 steps per epoch
     with pytest.raises(ConfigError, match="not resumable"):
         train_mod.train(cfg, run)
