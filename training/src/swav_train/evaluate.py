@@ -245,9 +245,9 @@ def assignment_scores(scores: np.ndarray, labels: np.ndarray, temperature: float
     top_p = p.max(axis=1) / p.sum(axis=1)
     proto = scores.argmax(axis=1)
     ids, counts = np.unique(proto, return_counts=True)
-    biggest = ids[np.argsort(-counts, kind="stable")[:largest]]
-    purity = [float(np.bincount(labels[proto == k]).max() / (proto == k).sum()) for k in biggest]
-    sizes = [int((proto == k).sum()) for k in biggest]
+    order = np.argsort(-counts, kind="stable")[:largest]
+    sizes = [int(c) for c in counts[order]]
+    purity = [float(np.bincount(labels[proto == k]).max() / size) for k, size in zip(ids[order], sizes)]
     return {"temperature": temperature, "top_probability_above_half": float((top_p > 0.5).mean()),
             "median_top_probability": float(np.median(top_p)),
             "largest_prototypes": {"sizes": sizes, "purity": [round(x, 4) for x in purity],
