@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use index_support::*;
-use swav::index::{Index, IndexError, IndexOptions};
+use swav::index::{Index, IndexError, IndexOptions, Metadata, NewItem};
 
 fn log_path(dir: &Path) -> std::path::PathBuf {
     dir.join("wal.log")
@@ -316,4 +316,107 @@ fn two_damaged_snapshots_refuse_to_open_and_change_nothing() {
     assert!(matches!(err, IndexError::Corrupt { .. }), "{err}");
     let after: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(before, after);
+}
+
+/// The items of `tests/fixtures/index_log_v1`, as the code before the log's file header (index
+/// format 1) wrote it: `a0..a11` (`clustered(12, 2, 0.5, 21)`), snapshot; `b0..b7` (seed 22),
+/// delete `a0`, snapshot; `c0..c5` (seed 23, no thumbnails), `d0..d3` (seed 24), delete `b1`,
+/// then dropped without close. Every third item of a batch has metadata `{"n": i, "p": prefix}`
+/// and, in batches with thumbnails, every second one the thumbnail `[i; 5 + i]`. So the
+/// directory holds two snapshots, a set-aside log segment and a current log, with add records
+/// of op 1 and op 3 and deletions.
+fn log_v1_batch(n: usize, seed: u64, prefix: &str, thumbnails: bool) -> Vec<NewItem> {
+    let mut batch = items(&clustered(n, 2, 0.5, seed), prefix);
+    for (i, it) in batch.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            it.metadata = Some(Metadata::from_value(&serde_json::json!({"n": i, "p": prefix})));
+        }
+        if thumbnails && i % 2 == 0 {
+            it.thumbnail = Some(vec![i as u8; 5 + i]);
+        }
+    }
+    batch
+}
+
+fn log_v1_items() -> Vec<NewItem> {
+    let mut all = Vec::new();
+    for (n, seed, prefix, thumbnails) in [(12, 21, "a", true), (8, 22, "b", true), (6, 23, "c", false), (4, 24, "d", true)] {
+        all.extend(log_v1_batch(n, seed, prefix, thumbnails));
+    }
+    all.retain(|it| it.id != "a0" && it.id != "b1");
+    all
+}
+
+fn assert_holds(index: &Index, want: &[NewItem]) {
+    assert_eq!(index.len(), want.len());
+    for it in want {
+        let got = index.get(&it.id).unwrap_or_else(|| panic!("{} lost", it.id));
+        assert_eq!(got.cluster, it.cluster, "{}", it.id);
+        assert_eq!(got.metadata.map(|m| m.to_value()), it.metadata.as_ref().map(|m| m.to_value()), "{}", it.id);
+        assert_eq!(index.thumbnail(&it.id).as_deref(), it.thumbnail.as_deref(), "{}", it.id);
+        let v = index.vector(&it.id).unwrap();
+        let cos: f32 = v.iter().zip(&it.vector).map(|(a, b)| a * b).sum();
+        assert!(cos > 0.9999, "{}: {cos}", it.id);
+        assert_eq!(index.search(&it.vector, 1, Some(100), None).unwrap()[0].item.id, it.id);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            fs::create_dir_all(&dest).unwrap();
+            copy_dir(&p, &dest);
+        } else {
+            fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+fn log_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+    logs.sort();
+    logs
+}
+
+/// An index of format 1 (logs without the file header) reads as it is when opened read-only,
+/// and is upgraded to format 2 by the first open for writing, keeping every item.
+#[test]
+fn an_index_with_version_1_logs_opens_and_keeps_every_item() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/index_log_v1");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture, dir.path());
+    let want = log_v1_items();
+    assert_eq!(want.len(), 28);
+    let logs = log_files(dir.path());
+    assert_eq!(logs.len(), 2, "a segment and the current log: {logs:?}");
+    let before: Vec<Vec<u8>> = logs.iter().map(|p| fs::read(p).unwrap()).collect();
+    assert!(before.iter().all(|b| !b.is_empty() && !b.starts_with(b"SWAVWAL1")));
+    {
+        let index = Index::open_read_only(dir.path(), Some(&identity()), IndexOptions::default()).unwrap();
+        assert_holds(&index, &want);
+        let after: Vec<Vec<u8>> = logs.iter().map(|p| fs::read(p).unwrap()).collect();
+        assert_eq!(after, before, "a read-only open changed a log");
+    }
+    {
+        let index = open(dir.path());
+        assert_holds(&index, &want);
+        let stats = index.stats();
+        assert_eq!((stats.snapshot_seq, stats.last_seq, stats.recovered_torn_tail), (3, 6, None));
+        let identity_file: serde_json::Value = serde_json::from_slice(&fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+        assert_eq!(identity_file["format"], 2);
+        for (path, old) in logs.iter().zip(&before) {
+            let new = fs::read(path).unwrap();
+            assert!(new.starts_with(b"SWAVWAL1") && new.ends_with(old), "{} not upgraded in place", path.display());
+            assert_eq!(new.len(), old.len() + 12);
+        }
+        index.add(items(&clustered(1, 1, 0.5, 25), "e")).unwrap();
+    }
+    let index = open(dir.path());
+    let mut more = want.clone();
+    more.extend(items(&clustered(1, 1, 0.5, 25), "e"));
+    assert_holds(&index, &more);
+    index.close().unwrap();
+    assert_holds(&open(dir.path()), &more);
 }

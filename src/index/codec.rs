@@ -1,8 +1,11 @@
-//! The binary layouts shared by the index's files: the frame of a whole file (snapshot items,
-//! graph), one item (log and snapshots), and the one bounds-checked reader all of them decode with.
+//! The binary layouts shared by the index's files: the header every file starts with, the frame
+//! of a whole file (snapshot items, graph), the frame of a record in an append-only file (the
+//! log), one item (log and snapshots), and the one bounds-checked reader all of them decode with.
 //!
-//! A framed file is `magic (8 bytes) | version u32 | body | crc32 u32`, the CRC over every byte
-//! before it. All integers are little-endian. An item is:
+//! Every file starts with `magic (8 bytes) | version u32`. A framed file is that header, a body
+//! and `crc32 u32`, the CRC over every byte before it. The log is the header followed by
+//! records, each `payload_len u32 | payload_crc u32 | header_crc u32 | payload`, where
+//! `header_crc` covers the two fields before it. All integers are little-endian. An item is:
 //! `id_len u32 | id utf-8 | cluster u32 | meta_len u32 (u32::MAX = none) | meta json | dim × f32`.
 //! Where a format carries thumbnails (log op 3, snapshot version 2), each item is followed by
 //! `thumb_len u32 (u32::MAX = none) | encoded image bytes`.
@@ -66,14 +69,31 @@ pub(crate) fn put_thumbnail(out: &mut Vec<u8>, thumbnail: Option<&[u8]>) {
     }
 }
 
-/// Bytes of a framed file besides its body: magic, version and CRC.
-const FRAME_OVERHEAD: usize = 8 + 4 + 4;
+/// Bytes of a file's header: magic and version.
+pub(crate) const HEADER_LEN: usize = 8 + 4;
 
-/// Starts a framed file: its magic and version, with room for `body` more bytes.
+/// Bytes of a framed file besides its body: header and CRC.
+const FRAME_OVERHEAD: usize = HEADER_LEN + 4;
+
+/// Writes the header every swav file starts with: its magic and version.
+pub(crate) fn put_header(out: &mut Vec<u8>, magic: &[u8; 8], version: u32) {
+    out.extend_from_slice(magic);
+    put_u32(out, version);
+}
+
+/// The version in a header of `magic` at the start of `bytes`, if a whole one is there.
+pub(crate) fn read_header(bytes: &[u8], magic: &[u8; 8]) -> Option<u32> {
+    let mut r = Reader::new(bytes);
+    if r.bytes(8, "magic").ok()? != magic {
+        return None;
+    }
+    r.u32("version").ok()
+}
+
+/// Starts a framed file: its header, with room for `body` more bytes.
 pub(crate) fn begin_file(magic: &[u8; 8], version: u32, body: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.saturating_add(FRAME_OVERHEAD));
-    out.extend_from_slice(magic);
-    put_u32(&mut out, version);
+    put_header(&mut out, magic, version);
     out
 }
 
@@ -87,17 +107,68 @@ pub(crate) fn end_file(mut out: Vec<u8>) -> Vec<u8> {
 /// Checks a framed file's length, magic and CRC, and returns its version and a reader of its
 /// body. `what` names the file in errors ("swav snapshot").
 pub(crate) fn open_file<'a>(bytes: &'a [u8], magic: &[u8; 8], what: &str) -> Result<(u32, Reader<'a>), String> {
-    if bytes.len() < FRAME_OVERHEAD || &bytes[..8] != magic {
-        return Err(format!("not a {what} (bad magic)"));
-    }
+    let version = read_header(bytes, magic).filter(|_| bytes.len() >= FRAME_OVERHEAD);
+    let version = version.ok_or_else(|| format!("not a {what} (bad magic)"))?;
     let (body, crc) = bytes.split_at(bytes.len() - 4);
-    let mut crc = Reader::new(crc);
-    if crc32fast::hash(body) != crc.u32("checksum")? {
+    if crc32fast::hash(body) != Reader::new(crc).u32("checksum")? {
         return Err(format!("{what} fails its checksum"));
     }
-    let mut r = Reader::new(&body[8..]);
-    let version = r.u32("version")?;
-    Ok((version, r))
+    Ok((version, Reader::new(&body[HEADER_LEN..])))
+}
+
+/// Bytes of a record's header: `payload_len u32 | payload_crc u32 | header_crc u32`.
+pub(crate) const RECORD_HEADER_LEN: usize = 12;
+/// The largest payload a record may hold. A header claiming more is damage, not a big write.
+pub(crate) const MAX_RECORD: u32 = 1 << 30;
+
+/// Appends `payload` as one record of an append-only file (the log). The header carries the
+/// payload's length and CRC and a CRC of its own, so that a damaged length in the middle of a
+/// file cannot pass for a record cut short at its end.
+pub(crate) fn put_record(out: &mut Vec<u8>, payload: &[u8]) -> Result<(), String> {
+    let len = u32::try_from(payload.len()).ok().filter(|&n| n <= MAX_RECORD);
+    let len = len.ok_or_else(|| format!("a record may hold at most {MAX_RECORD} bytes, not {}", payload.len()))?;
+    let start = out.len();
+    out.reserve(RECORD_HEADER_LEN + payload.len());
+    put_u32(out, len);
+    put_u32(out, crc32fast::hash(payload));
+    let header_crc = crc32fast::hash(&out[start..]);
+    put_u32(out, header_crc);
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// What lies at the start of `buf`, read as a record written by [`put_record`].
+#[derive(Debug, PartialEq)]
+pub(crate) enum Record<'a> {
+    /// A whole record: its payload, and the bytes it takes with its header.
+    Whole { payload: &'a [u8], size: usize },
+    /// Fewer bytes than a header.
+    ShortHeader,
+    /// A sound header whose payload runs past the end: `have` of `need` bytes.
+    Short { have: usize, need: usize },
+    /// A header that fails its own CRC or claims more than [`MAX_RECORD`].
+    BadHeader,
+    /// A sound header and a whole payload that fails its CRC; `size` as for `Whole`.
+    BadPayload { size: usize },
+}
+
+/// Reads the record at the start of `buf`, checking every length against what is there.
+pub(crate) fn read_record(buf: &[u8]) -> Record<'_> {
+    let mut r = Reader::new(buf);
+    let (Ok(len), Ok(payload_crc), Ok(header_crc)) = (r.u32("length"), r.u32("checksum"), r.u32("header checksum")) else {
+        return Record::ShortHeader;
+    };
+    if buf.get(..8).map(crc32fast::hash) != Some(header_crc) || len > MAX_RECORD {
+        return Record::BadHeader;
+    }
+    let Some(size) = (len as usize).checked_add(RECORD_HEADER_LEN) else { return Record::BadHeader };
+    let Ok(payload) = r.bytes(len as usize, "payload") else {
+        return Record::Short { have: buf.len(), need: size };
+    };
+    if crc32fast::hash(payload) != payload_crc {
+        return Record::BadPayload { size };
+    }
+    Record::Whole { payload, size }
 }
 
 /// A bounds-checked reader; every error names what it was reading.
@@ -216,6 +287,48 @@ mod tests {
         assert_eq!(r.u16("a").unwrap(), 1);
         assert!(r.end("a").unwrap_err().contains("trailing"));
         assert!(r.u16("b").unwrap_err().contains("b runs past the end"));
+    }
+
+    #[test]
+    fn header_reads_only_whole_and_with_its_magic() {
+        let mut h = Vec::new();
+        put_header(&mut h, b"TESTFIL1", 3);
+        assert_eq!(read_header(&h, b"TESTFIL1"), Some(3));
+        assert_eq!(read_header(&h, b"OTHERFIL"), None);
+        for cut in 0..HEADER_LEN {
+            assert_eq!(read_header(&h[..cut], b"TESTFIL1"), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_every_damage_is_classified() {
+        let mut buf = Vec::new();
+        put_record(&mut buf, b"hello").unwrap();
+        put_record(&mut buf, b"").unwrap();
+        let size = RECORD_HEADER_LEN + 5;
+        assert_eq!(read_record(&buf), Record::Whole { payload: &b"hello"[..], size });
+        assert_eq!(read_record(&buf[size..]), Record::Whole { payload: &[][..], size: RECORD_HEADER_LEN });
+        for cut in 0..RECORD_HEADER_LEN {
+            assert_eq!(read_record(&buf[..cut]), Record::ShortHeader, "cut at {cut}");
+        }
+        for cut in RECORD_HEADER_LEN..size {
+            assert_eq!(read_record(&buf[..cut]), Record::Short { have: cut, need: size }, "cut at {cut}");
+        }
+        for i in 0..size {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            let want = if i < RECORD_HEADER_LEN { Record::BadHeader } else { Record::BadPayload { size } };
+            assert_eq!(read_record(&bad), want, "flip at {i}");
+        }
+        // Lengths over the limit are damage even when the header's checksum matches them.
+        for len in [MAX_RECORD + 1, u32::MAX] {
+            let mut over = Vec::new();
+            put_u32(&mut over, len);
+            put_u32(&mut over, 0);
+            let crc = crc32fast::hash(&over);
+            put_u32(&mut over, crc);
+            assert_eq!(read_record(&over), Record::BadHeader, "length {len}");
+        }
     }
 
     #[test]

@@ -49,7 +49,10 @@ pub use wal::TornTail;
 const IDENTITY_FILE: &str = "index.json";
 const LOG_FILE: &str = "wal.log";
 const LOCK_FILE: &str = "LOCK";
-const FORMAT_VERSION: u32 = 1;
+/// Format 2 gave the log the file header shared by swav's files. Format 1 indexes (logs without
+/// it) are read, and upgraded the first time they are opened for writing (`wal::upgrade`).
+const FORMAT_VERSION: u32 = 2;
+const FIRST_FORMAT: u32 = 1;
 /// Longest accepted id, in bytes.
 pub const MAX_ID_BYTES: usize = 1024;
 /// Largest accepted thumbnail, in bytes: thumbnails are small previews, not the images.
@@ -273,6 +276,8 @@ enum Mode {
 struct Recovered {
     state: State,
     logs_good_len: u64,
+    /// Logs in the framing of index format 1, with their bytes of whole records.
+    legacy_logs: Vec<(PathBuf, u64)>,
     torn: Option<TornTail>,
     partial: Vec<PathBuf>,
     damaged: Vec<(u64, PathBuf)>,
@@ -298,8 +303,8 @@ impl Index {
         validate_options(&identity, &opts)?;
         fs::create_dir_all(dir).map_err(IndexError::io("cannot create index directory", dir))?;
         let lock = lock_dir(dir)?;
-        check_identity(dir, &identity)?;
-        Index::open_mode(dir, identity, opts, Mode::ReadWrite, Some(lock), faults)
+        let format = check_identity(dir, &identity)?;
+        Index::open_mode(dir, identity, opts, format, Mode::ReadWrite, Some(lock), faults)
     }
 
     /// Opens an existing index with the model identity it records (for tools that need no
@@ -314,19 +319,17 @@ impl Index {
     /// With `identity`, refuses an index made by another model.
     pub fn open_read_only(dir: &Path, identity: Option<&ModelIdentity>, opts: IndexOptions) -> Result<Index, IndexError> {
         let file = read_identity(dir)?;
-        if file.format != FORMAT_VERSION {
-            return Err(IndexError::corrupt(dir.join(IDENTITY_FILE), format!("unknown index format {}", file.format)));
-        }
+        check_format(dir, file.format)?;
         if let Some(want) = identity {
             check_same_model(dir, &file.model, want)?;
         }
         validate_options(&file.model, &opts)?;
-        Index::open_mode(dir, file.model, opts, Mode::ReadOnly, None, Arc::new(NoFaults))
+        Index::open_mode(dir, file.model, opts, file.format, Mode::ReadOnly, None, Arc::new(NoFaults))
     }
 
-    fn open_mode(dir: &Path, identity: ModelIdentity, opts: IndexOptions, mode: Mode, lock: Option<fs::File>, faults: Arc<dyn Faults>) -> Result<Index, IndexError> {
+    fn open_mode(dir: &Path, identity: ModelIdentity, opts: IndexOptions, format: u32, mode: Mode, lock: Option<fs::File>, faults: Arc<dyn Faults>) -> Result<Index, IndexError> {
         let started = Instant::now();
-        let r = recover(dir, &identity, &opts)?;
+        let mut r = recover(dir, &identity, &opts, format < FORMAT_VERSION)?;
         if let Some(t) = &r.torn {
             tracing::warn!(index = %dir.display(), offset = t.offset, bytes = t.bytes, reason = %t.reason,
                 "dropped a torn last record from the log (a write that was never acknowledged)");
@@ -341,6 +344,11 @@ impl Index {
                 }
                 if let Some(snapshot_dir) = &r.store_graph_in {
                     snapshot::store_graph(snapshot_dir, &r.state.graph)?;
+                }
+                if format < FORMAT_VERSION {
+                    r.logs_good_len = wal::upgrade(dir, &dir.join(LOG_FILE), &r.legacy_logs, r.logs_good_len)?;
+                    write_identity(dir, &IdentityFile { format: FORMAT_VERSION, model: identity.clone() })?;
+                    tracing::info!(index = %dir.display(), from = format, to = FORMAT_VERSION, logs = r.legacy_logs.len(), "index format upgraded");
                 }
                 Some(Wal::open(dir, &dir.join(LOG_FILE), r.logs_good_len, Arc::clone(&faults))?)
             }
@@ -569,10 +577,10 @@ impl Drop for CompactionGuard<'_> {
 /// Reads the snapshots and logs and rebuilds the state, changing nothing on disk. A snapshot
 /// that cannot be read is passed over for the one before it, provided the log segments lead
 /// from that one to now without a gap.
-fn recover(dir: &Path, identity: &ModelIdentity, opts: &IndexOptions) -> Result<Recovered, IndexError> {
+fn recover(dir: &Path, identity: &ModelIdentity, opts: &IndexOptions, legacy: bool) -> Result<Recovered, IndexError> {
     let dim = identity.dim;
     let (snaps, partial) = snapshot::list(dir)?;
-    let logs = wal::read_all(dir, &dir.join(LOG_FILE), dim)?;
+    let logs = wal::read_all(dir, &dir.join(LOG_FILE), dim, legacy)?;
     let newest_named = snaps.last().map_or(0, |(s, _)| *s);
     let mut damaged = Vec::new();
     let mut first_error = None;
@@ -625,6 +633,7 @@ fn recover(dir: &Path, identity: &ModelIdentity, opts: &IndexOptions) -> Result<
     Ok(Recovered {
         state,
         logs_good_len: logs.good_len,
+        legacy_logs: logs.legacy,
         torn: logs.torn,
         partial,
         damaged,
@@ -1070,17 +1079,24 @@ fn snapshot_exists(dir: &Path, seq: u64) -> Result<bool, IndexError> {
     Ok(snapshot::list(dir)?.0.iter().any(|(s, _)| *s == seq))
 }
 
-/// Refuses an index made for another model; records the identity of a new one.
-fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<(), IndexError> {
+fn check_format(dir: &Path, format: u32) -> Result<(), IndexError> {
+    if !(FIRST_FORMAT..=FORMAT_VERSION).contains(&format) {
+        return Err(IndexError::corrupt(dir.join(IDENTITY_FILE), format!("unknown index format {format}")));
+    }
+    Ok(())
+}
+
+/// Refuses an index made for another model; records the identity of a new one. Returns the
+/// index's format.
+fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<u32, IndexError> {
     let path = dir.join(IDENTITY_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
             let file: IdentityFile = serde_json::from_slice(&bytes)
                 .map_err(|e| IndexError::corrupt(&path, format!("unreadable identity file: {e}")))?;
-            if file.format != FORMAT_VERSION {
-                return Err(IndexError::corrupt(&path, format!("unknown index format {}", file.format)));
-            }
-            check_same_model(dir, &file.model, identity)
+            check_format(dir, file.format)?;
+            check_same_model(dir, &file.model, identity)?;
+            Ok(file.format)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let has_data = dir.join(LOG_FILE).metadata().is_ok_and(|m| m.len() > 0)
@@ -1091,19 +1107,24 @@ fn check_identity(dir: &Path, identity: &ModelIdentity) -> Result<(), IndexError
             if has_data {
                 return Err(IndexError::corrupt(&path, "missing, but the directory holds index data"));
             }
-            let file = IdentityFile { format: FORMAT_VERSION, model: identity.clone() };
-            let json = serde_json::to_vec_pretty(&file).unwrap_or_default();
-            let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
-            fs::write(&tmp, json)
-                .and_then(|()| fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| fs::rename(&tmp, &path))
-                .map_err(IndexError::io("cannot write", &path))?;
-            snapshot::sync_dir(dir)?;
+            write_identity(dir, &IdentityFile { format: FORMAT_VERSION, model: identity.clone() })?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 snapshot::sync_dir(parent)?;
             }
-            Ok(())
+            Ok(FORMAT_VERSION)
         }
         Err(e) => Err(IndexError::io("cannot read", &path)(e)),
     }
+}
+
+/// Writes the identity file atomically and durably: a crash leaves the old one or the new one.
+fn write_identity(dir: &Path, file: &IdentityFile) -> Result<(), IndexError> {
+    let path = dir.join(IDENTITY_FILE);
+    let json = serde_json::to_vec_pretty(file).unwrap_or_default();
+    let tmp = dir.join(format!("{IDENTITY_FILE}.tmp"));
+    fs::write(&tmp, json)
+        .and_then(|()| fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path))
+        .map_err(IndexError::io("cannot write", &path))?;
+    snapshot::sync_dir(dir)
 }
