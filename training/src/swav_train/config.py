@@ -79,6 +79,7 @@ class TrainConfig:
     # ---- optimisation ----------------------------------------------------
     epochs: int = _f(100, "number of training epochs")
     time_budget_min: float = _f(0.0, "train for this many minutes instead of a number of epochs (0 = use --epochs): after the first 20 steps the run measures its speed and fixes how many steps fit, and the warmup and cosine decay take the same shares of those steps as of --epochs; for comparing recipes at equal wall-clock; such a run cannot be resumed")
+    steps: int = _f(0, "train for exactly this many optimiser steps instead of --epochs (0 = use --epochs); the warmup and cosine decay take the same shares of them as of --epochs. A --time-budget-min run logs the steps it fixed, so this repeats it exactly")
     batch_size: int = _f(64, "images per rank per step")
     base_lr: float = _f(4.8, "learning rate after warmup")
     final_lr: float = _f(0.0048, "learning rate at the end of the cosine schedule")
@@ -311,6 +312,8 @@ def _validate(c: TrainConfig) -> None:
     need(c.epoch_queue_starts >= 0, "epoch_queue_starts", "must be >= 0")
     need(c.epochs > 0, "epochs", "must be positive")
     need(math.isfinite(c.time_budget_min) and c.time_budget_min >= 0, "time_budget_min", "must be a finite number >= 0")
+    need(c.steps >= 0, "steps", "must be >= 0")
+    need(not (c.steps and c.time_budget_min), "steps", "cannot be combined with --time-budget-min (both fix the run's length)")
     need(c.batch_size > 1, "batch_size", "must be > 1 (BatchNorm needs more than one sample)")
     need(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", "must lie in [0, epochs)")
     for name in ("base_lr", "final_lr", "start_warmup", "weight_decay", "trust_coefficient"):

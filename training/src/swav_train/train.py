@@ -46,7 +46,8 @@ PROBE_STEPS = 20  # steps a --time-budget run times before it fixes its length
 
 @dataclass
 class Schedule:
-    """The learning-rate schedule: over cfg.epochs, or over the steps that fit in cfg.time_budget_min."""
+    """The learning-rate schedule: over cfg.epochs, over cfg.steps, or over the steps that fit in
+    cfg.time_budget_min."""
 
     cfg: TrainConfig
     iters_per_epoch: int
@@ -57,7 +58,7 @@ class Schedule:
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Schedule:
         s = cls(cfg, iters_per_epoch, fixed=not cfg.time_budget_min)
-        s._set_total(cfg.epochs * iters_per_epoch)
+        s._set_total(cfg.steps or cfg.epochs * iters_per_epoch)
         return s
 
     def _set_total(self, total: int) -> None:
@@ -80,6 +81,10 @@ class Schedule:
         self.fixed = True
         log.info("time budget %.1f min: %d steps (%.2f epochs) at the measured speed", self.cfg.time_budget_min,
                  self.total_steps, self.total_steps / self.iters_per_epoch)
+
+    def epochs(self) -> int:
+        """Epochs the run spans, the last one possibly partial."""
+        return -(-self.total_steps // self.iters_per_epoch)
 
     def done(self, step: int) -> bool:
         return self.fixed and step + 1 >= self.total_steps
@@ -391,9 +396,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
                    iters_per_epoch=iters_per_epoch, autocast_dtype=autocast_dtype, scaler=scaler,
                    schedule=Schedule.of(cfg, iters_per_epoch),
                    runlog=RunLog(run_dir, ctx.is_main, append=state is not None), result=result, queue=queue)
-    # A budgeted run ends when its steps are done, whatever the number of epochs that takes.
-    bound = 2**31 if cfg.time_budget_min else cfg.epochs
+    # A run of a set number of steps ends when they are done, whatever the number of epochs that takes.
+    bound = 2**31 if cfg.time_budget_min else run.schedule.epochs()
     last_epoch = bound if stop_after_epoch is None else min(bound, stop_after_epoch)
+    budget_done = False
     try:
         for epoch in range(start_epoch, last_epoch):
             if run.queue is None and cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts:
@@ -408,7 +414,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
 
     # Other ranks do not wait for rank 0's evaluation and export: a long barrier would hit the
     # process group's timeout, and nothing after this point is collective.
-    if finish and (result.epochs_done == cfg.epochs or budget_done) and ctx.is_main:
+    if finish and (result.epochs_done == bound or budget_done) and ctx.is_main:
         _finish(cfg, run_dir, model, dataset, data_info, result)
     return result
 
@@ -439,7 +445,7 @@ def _run_epoch(run: RunState, epoch: int) -> bool:
     run.model.train()
     loader = _loader(cfg, run.dataset, ctx, epoch, iters_per_epoch)
     images_per_step = cfg.batch_size * ctx.world_size
-    bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it",
+    bar = tqdm(loader, total=iters_per_epoch, desc=f"epoch {epoch + 1}/{schedule.epochs()}", unit="it",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
     losses, used = [], []
     rate = None
@@ -481,7 +487,7 @@ def _run_epoch(run: RunState, epoch: int) -> bool:
     run.runlog.write({"kind": "epoch", "epoch": epoch, "step": epoch * iters_per_epoch + len(losses) - 1,
                       "loss": mean_loss, "prototypes_used": mean_used, "images_per_s": rate}, epoch)
     if ctx.is_main:
-        print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {rate:.1f} images/s", flush=True)
+        print(f"epoch {epoch + 1}/{schedule.epochs()}: loss {mean_loss:.4f}, {rate:.1f} images/s", flush=True)
         if (epoch + 1) * iters_per_epoch > cfg.freeze_prototypes_niters:
             warning = collapse_warning(cfg, mean_loss, mean_used, cfg.batch_size)
             if warning:
