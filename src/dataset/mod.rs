@@ -92,30 +92,57 @@ fn write_png(path: &Path, pixels: &[u8], w: u32, h: u32) -> Result<(), DatasetEr
     fs::rename(&tmp, path).map_err(|source| DatasetError::Write { path: path.to_path_buf(), source })
 }
 
-/// Reads a gzip'd IDX file of unsigned bytes: its dimensions and data.
+/// Reads a gzip'd IDX file of unsigned bytes: its dimensions and data. The header is checked
+/// before any data is kept: its sizes are multiplied with checked arithmetic, and the data is
+/// read no further than the header promises, so a damaged or crafted header gives an error,
+/// never an overflow or an allocation larger than the file.
 fn read_idx(path: &Path, ndim: usize) -> Result<(Vec<usize>, Vec<u8>), DatasetError> {
-    let file = fs::File::open(path).map_err(|source| DatasetError::Read { path: path.to_path_buf(), source })?;
-    let mut buf = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut buf)
-        .map_err(|source| DatasetError::Read { path: path.to_path_buf(), source })?;
+    let read_err = |source| DatasetError::Read { path: path.to_path_buf(), source };
     let bad = |reason: String| DatasetError::Format { path: path.to_path_buf(), reason };
-    let header = 4 + 4 * ndim;
-    if buf.len() < header {
-        return Err(bad("shorter than its header".into()));
+    let file = fs::File::open(path).map_err(read_err)?;
+    let mut gz = flate2::read::GzDecoder::new(file);
+    let mut header = vec![0u8; 4 + 4 * ndim];
+    gz.read_exact(&mut header).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad("shorter than its header".into()),
+        _ => read_err(e),
+    })?;
+    let (dims, len) = idx_header(&header, ndim).map_err(bad)?;
+    // One byte more than promised shows whether the file runs on past its data.
+    let limit = u64::try_from(len).map_or(u64::MAX, |l| l.saturating_add(1));
+    let mut data = Vec::new();
+    gz.take(limit).read_to_end(&mut data).map_err(read_err)?;
+    if data.len() > len {
+        return Err(bad(format!("holds more than the {len} data bytes its header promises")));
     }
-    if buf[0] != 0 || buf[1] != 0 || buf[2] != 0x08 || buf[3] as usize != ndim {
-        return Err(bad(format!("expected unsigned-byte data with {ndim} dimensions")));
+    if data.len() < len {
+        return Err(bad(format!("holds {} data bytes, its header promises {len}", data.len())));
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| u32::from_be_bytes([buf[4 + 4 * i], buf[5 + 4 * i], buf[6 + 4 * i], buf[7 + 4 * i]]) as usize)
+    Ok((dims, data))
+}
+
+/// The dimensions in an IDX header of unsigned bytes with `ndim` dimensions, and their
+/// product: the number of data bytes that must follow.
+fn idx_header(header: &[u8], ndim: usize) -> Result<(Vec<usize>, usize), String> {
+    let (magic, sizes) = header.split_at(4);
+    if magic[..2] != [0, 0] {
+        return Err(format!("magic number starts {:#04x} {:#04x}, not 0 0", magic[0], magic[1]));
+    }
+    if magic[2] != 0x08 {
+        return Err(format!("data type {:#04x} is not unsigned bytes (0x08)", magic[2]));
+    }
+    if usize::from(magic[3]) != ndim {
+        return Err(format!("has {} dimensions, expected {ndim}", magic[3]));
+    }
+    let dims: Vec<usize> = sizes
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
-    let len: usize = dims.iter().product();
-    if buf.len() != header + len {
-        return Err(bad(format!("holds {} data bytes, its header promises {len}", buf.len() - header)));
+    if let Some(axis) = dims.iter().position(|&d| d == 0) {
+        return Err(format!("dimension {axis} is 0"));
     }
-    buf.drain(..header);
-    Ok((dims, buf))
+    let len = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let len = len.ok_or_else(|| format!("dimensions {dims:?} overflow a byte count"))?;
+    Ok((dims, len))
 }
 
 #[cfg(test)]
@@ -166,5 +193,56 @@ mod tests {
         assert!(err.contains("t10k-labels") && err.contains("label 12"), "{err}");
         let err = export_fashion_mnist(data.path(), Split::Train, data.path()).unwrap_err().to_string();
         assert!(err.contains("train-images-idx3-ubyte.gz"), "{err}");
+    }
+
+    /// An IDX file with header bytes `magic`, dimensions `dims` and `data` bytes of data.
+    fn idx(dir: &Path, magic: [u8; 4], dims: &[u32], data: usize) -> PathBuf {
+        let path = dir.join("x-idx3-ubyte.gz");
+        let mut bytes = magic.to_vec();
+        for d in dims {
+            bytes.extend_from_slice(&d.to_be_bytes());
+        }
+        bytes.extend((0..data).map(|i| i as u8));
+        gz(&path, &bytes);
+        path
+    }
+
+    #[test]
+    fn a_valid_idx_file_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dims, data) = read_idx(&idx(dir.path(), [0, 0, 8, 3], &[2, 3, 1], 6), 3).unwrap();
+        assert_eq!((dims, data), (vec![2, 3, 1], vec![0, 1, 2, 3, 4, 5]));
+    }
+
+    /// Every crafted or damaged header gives an error naming the file and the reason; none
+    /// panics, overflows or allocates what the header claims.
+    #[test]
+    fn crafted_idx_headers_give_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = u32::MAX;
+        let cases: [([u8; 4], &[u32], usize, &str); 11] = [
+            ([0, 0, 8, 3], &[big, big, big], 6, "overflow a byte count"),
+            ([0, 0, 8, 3], &[65536, 65536, 1], 6, "holds 6 data bytes, its header promises 4294967296"),
+            ([0, 0, 8, 3], &[big, big, 1], 0, "holds 0 data bytes"),
+            ([0, 0, 8, 3], &[2, 3, 1], 5, "holds 5 data bytes, its header promises 6"),
+            ([0, 0, 8, 3], &[2, 3, 1], 7, "holds more than the 6 data bytes"),
+            ([0, 0, 8, 3], &[2, 0, 1], 0, "dimension 1 is 0"),
+            ([0, 0, 8, 3], &[0, 3, 1], 0, "dimension 0 is 0"),
+            ([0, 0, 8, 3], &[2, 3], 0, "shorter than its header"),
+            ([1, 0, 8, 3], &[2, 3, 1], 6, "magic number starts 0x01 0x00"),
+            ([0, 0, 0x0d, 3], &[2, 3, 1], 6, "data type 0x0d is not unsigned bytes"),
+            ([0, 0, 8, 2], &[2, 3, 1], 6, "has 2 dimensions, expected 3"),
+        ];
+        for (magic, dims, data, want) in cases {
+            let path = idx(dir.path(), magic, dims, data);
+            let err = read_idx(&path, 3).unwrap_err();
+            assert!(matches!(err, DatasetError::Format { .. }), "{dims:?}: {err}");
+            let err = err.to_string();
+            assert!(err.contains("x-idx3-ubyte.gz") && err.contains(want), "{dims:?}: {err}");
+        }
+        let not_gzip = dir.path().join("plain-idx1-ubyte.gz");
+        fs::write(&not_gzip, [0, 0, 8, 1, 0, 0, 0, 1, 7]).unwrap();
+        let err = read_idx(&not_gzip, 1).unwrap_err().to_string();
+        assert!(err.contains("plain-idx1-ubyte.gz"), "{err}");
     }
 }
