@@ -1,12 +1,13 @@
 //! The graph's on-disk form, stored in each snapshot as `graph.bin`: the links of every slot,
 //! not the vectors (the snapshot's items hold those), in the index's framed-file layout
-//! (`codec::begin_file`: magic, version, body, trailing CRC-32).
+//! (`codec::begin_file`: magic, version, body, trailing CRC-32), written with the codec's
+//! `put_*` helpers and read with its `Reader`, so that the codec alone owns the byte layout.
 //! Decoding checks every id and level, so a file that passes can never make a search index
 //! out of bounds.
 
 use super::GraphParams;
 use super::layers::{ABSENT, Layers, MAX_LEVEL};
-use crate::index::codec::{begin_file, end_file, open_file};
+use crate::index::codec::{begin_file, end_file, open_file, put_u8, put_u16, put_u32, put_u64};
 
 pub(crate) const GRAPH_FILE: &str = "graph.bin";
 const MAGIC: &[u8; 8] = b"SWAVHNS1";
@@ -14,23 +15,23 @@ const VERSION: u32 = 1;
 
 pub(crate) fn encode(l: &Layers) -> Vec<u8> {
     let mut out = begin_file(MAGIC, VERSION, 32 + l.slots() * (2 + 4 * (l.m0 + 1)));
-    out.extend_from_slice(&(l.dim as u32).to_le_bytes());
-    out.extend_from_slice(&(l.m as u32).to_le_bytes());
-    out.extend_from_slice(&(l.slots() as u64).to_le_bytes());
+    put_u32(&mut out, l.dim as u32);
+    put_u32(&mut out, l.m as u32);
+    put_u64(&mut out, l.slots() as u64);
     let (entry, top) = l.entry.unwrap_or((u32::MAX, ABSENT));
-    out.extend_from_slice(&entry.to_le_bytes());
-    out.push(top);
+    put_u32(&mut out, entry);
+    put_u8(&mut out, top);
     for node in 0..l.slots() as u32 {
         let level = l.levels[node as usize];
-        out.push(level);
+        put_u8(&mut out, level);
         if level == ABSENT {
             continue;
         }
         for lc in 0..=level as usize {
             let ids = l.neighbours(node, lc);
-            out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
-            for id in ids {
-                out.extend_from_slice(&id.to_le_bytes());
+            put_u16(&mut out, ids.len() as u16);
+            for &id in ids {
+                put_u32(&mut out, id);
             }
         }
     }
