@@ -195,6 +195,11 @@ impl<'a> Reader<'a> {
         self.pos == self.buf.len()
     }
 
+    /// Bytes not yet read: a bound on what a count read from the data may claim.
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     pub fn bytes(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         let end = end.ok_or_else(|| format!("{what} runs past the end of the data"))?;

@@ -20,8 +20,6 @@ const MAGIC: &[u8; 8] = b"SWAVSNP1";
 /// Version 2 follows every slot with its optional thumbnail; version 1 (no thumbnails) still reads.
 const VERSION: u32 = 2;
 const ITEMS_FILE: &str = "items.bin";
-/// Where the item count sits: after the magic, version, dimension and sequence number.
-const COUNT_AT: std::ops::Range<usize> = 24..32;
 const PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-snapshot-";
 const DAMAGED_PREFIX: &str = "damaged-snapshot-";
@@ -38,6 +36,8 @@ pub(crate) struct Snapshot {
 pub(crate) struct Encoder {
     buf: Vec<u8>,
     count: u64,
+    /// Where the item count sits, recorded as it is written so that no offset is hard-coded.
+    count_at: usize,
 }
 
 impl Encoder {
@@ -45,8 +45,9 @@ impl Encoder {
         let mut buf = begin_file(MAGIC, VERSION, 24 + capacity * (dim * 4 + 48));
         put_u32(&mut buf, dim as u32);
         put_u64(&mut buf, seq);
-        put_u64(&mut buf, 0); // count, patched in finish()
-        Encoder { buf, count: 0 }
+        let count_at = buf.len();
+        put_u64(&mut buf, 0); // patched in finish()
+        Encoder { buf, count: 0, count_at }
     }
 
     pub fn push(&mut self, live: bool, id: &str, cluster: u32, metadata: Option<&super::Metadata>, vector: &[f32], thumbnail: Option<&[u8]>) {
@@ -57,7 +58,8 @@ impl Encoder {
     }
 
     pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.buf[COUNT_AT].copy_from_slice(&self.count.to_le_bytes());
+        let count = self.count.to_le_bytes();
+        self.buf[self.count_at..self.count_at + count.len()].copy_from_slice(&count);
         end_file(self.buf)
     }
 }
@@ -219,8 +221,13 @@ pub(crate) fn decode(bytes: &[u8], dim: usize, dir: &Path) -> Result<Snapshot, S
         return Err(format!("vectors have dimension {file_dim}, the index expects {dim}"));
     }
     let seq = r.u64("sequence number")?;
-    let count = r.u64("item count")? as usize;
-    let mut slots = Vec::with_capacity(count.min(1 << 24));
+    let claimed = r.u64("item count")?;
+    // Each slot takes at least its flag, three u32 fields, its vector and (version 2) a
+    // thumbnail length; a count the remaining bytes cannot hold is refused before allocating.
+    let min_slot = (1 + 3 * 4 + if version == 1 { 0 } else { 4 }) + dim.saturating_mul(4);
+    let count = usize::try_from(claimed).ok().filter(|&c| c <= r.remaining() / min_slot);
+    let count = count.ok_or_else(|| format!("item count {claimed} exceeds what the file holds"))?;
+    let mut slots = Vec::with_capacity(count);
     for _ in 0..count {
         let live = match r.u8("slot flag")? {
             0 => false,
@@ -283,5 +290,65 @@ mod tests {
         put_u32(&mut buf, crc);
         let snap = decode(&buf, 2, Path::new("d")).unwrap();
         assert_eq!((snap.seq, snap.slots), (4, vec![(true, item)]));
+    }
+
+    /// The item count is patched where the decoder reads it: right after the file header, the
+    /// dimension and the sequence number. Files already on disk depend on that place.
+    #[test]
+    fn item_count_sits_after_header_dimension_and_sequence() {
+        let mut enc = Encoder::new(1, 5, 0);
+        assert_eq!(enc.count_at, super::super::codec::HEADER_LEN + 4 + 8);
+        for id in ["a", "b", "c"] {
+            enc.push(id != "b", id, 0, None, &[1.0], None);
+        }
+        let bytes = enc.finish();
+        assert_eq!(bytes[24..32], 3u64.to_le_bytes());
+        let snap = decode(&bytes, 1, Path::new("d")).unwrap();
+        assert_eq!(snap.slots.iter().map(|(live, it)| (*live, it.id.as_str())).collect::<Vec<_>>(), [(true, "a"), (false, "b"), (true, "c")]);
+    }
+
+    /// A count the file cannot hold is refused before anything is allocated for it, even when
+    /// the checksum matches (CRC-32 guards against damage, not against a crafted file).
+    #[test]
+    fn item_count_beyond_the_files_bytes_is_refused() {
+        let mut enc = Encoder::new(2, 1, 1);
+        enc.push(true, "x", 0, None, &[1.0, 0.0], None);
+        let mut bytes = enc.finish();
+        bytes.truncate(bytes.len() - 4);
+        for claimed in [2, 1 << 24, u64::MAX] {
+            let mut bad = bytes.clone();
+            bad[24..32].copy_from_slice(&u64::to_le_bytes(claimed));
+            let crc = crc32fast::hash(&bad);
+            put_u32(&mut bad, crc);
+            let err = decode(&bad, 2, Path::new("d")).unwrap_err();
+            assert!(err.contains(&format!("item count {claimed} exceeds")), "{claimed}: {err}");
+        }
+    }
+
+    /// The stored files of earlier releases (`tests/fixtures`) decode and encode again to the
+    /// same bytes: writers and readers share one layout, and it has not moved.
+    #[test]
+    fn fixture_files_re_encode_byte_for_byte() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // The fixtures were written with the default options and a 32-dimensional model.
+        let params = GraphParams { m: super::super::IndexOptions::default().m, ef_construction: 200 };
+        for (index, seq, version) in [("index_v1", 1, 1), ("index_log_v1", 1, VERSION), ("index_log_v1", 3, VERSION)] {
+            let dir = fixtures.join(index).join(format!("{PREFIX}{seq:020}"));
+            let snap = load(&dir, seq, 32).unwrap();
+            let graph = fs::read(dir.join(GRAPH_FILE)).unwrap();
+            let vectors = snap.slots.iter().flat_map(|(_, it)| it.vector.iter().copied()).collect();
+            let decoded = Graph::decode(&graph, params, 32, vectors).unwrap_or_else(|e| panic!("{index}/{seq}: {e}"));
+            assert_eq!(decoded.len(), snap.slots.len(), "{index}/{seq}");
+            assert!(decoded.encode() == graph, "{index}/{seq}: graph.bin encodes differently");
+            let items = fs::read(dir.join(ITEMS_FILE)).unwrap();
+            assert_eq!(super::super::codec::read_header(&items, MAGIC), Some(version), "{index}/{seq}");
+            if version == VERSION {
+                let mut enc = Encoder::new(32, seq, snap.slots.len());
+                for (live, it) in &snap.slots {
+                    enc.push(*live, &it.id, it.cluster, it.metadata.as_ref(), &it.vector, it.thumbnail.as_deref());
+                }
+                assert!(enc.finish() == items, "{index}/{seq}: items.bin encodes differently");
+            }
+        }
     }
 }
