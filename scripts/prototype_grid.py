@@ -32,7 +32,7 @@ from swav_train.preprocess import InputSpec, to_array  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-SCHEMA_VERSION = 1
+SCHEMA_VERSIONS = (1, 2)  # docs/bundle.md; version 2 lets the projection and prototypes be absent
 IDX_IMAGES, IDX_LABELS = 0x803, 0x801
 PAD, LABEL_WIDTH = 2, 112
 
@@ -70,8 +70,11 @@ def load_manifest(bundle: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"error: {path}: {err}") from err
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise SystemExit(f"error: {path}: schema_version {manifest.get('schema_version')!r}, this script reads {SCHEMA_VERSION}")
+    if manifest.get("schema_version") not in SCHEMA_VERSIONS:
+        raise SystemExit(f"error: {path}: schema_version {manifest.get('schema_version')!r}, this script reads "
+                         f"{' and '.join(map(str, SCHEMA_VERSIONS))}")
+    if not (manifest.get("outputs") or {}).get("prototype_scores"):
+        raise SystemExit(f"error: {path}: the model has no prototypes (outputs.prototype_scores is absent), so there is no grid to draw")
     model = bundle / manifest["model_file"]
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     if digest != manifest["model_sha256"]:

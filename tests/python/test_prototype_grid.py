@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import importlib.util
 import struct
 import sys
@@ -79,6 +80,23 @@ def test_bundle_with_a_wrong_checksum_is_refused(tmp_path):
         f.write(b"\0")
     with pytest.raises(SystemExit, match="sha256"):
         grid.load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("version, prototypes, accepted", [(2, True, True), (3, True, False), (2, False, False)])
+def test_schema_versions_and_models_without_prototypes(tmp_path, version, prototypes, accepted):
+    # What the trainer writes now is version 2, where the prototypes may be absent (docs/bundle.md).
+    bundle = fixture_bundle("tiny-gray")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["schema_version"] = version
+    if not prototypes:
+        manifest["outputs"]["prototype_scores"] = None
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes())
+    if accepted:
+        assert grid.load_manifest(tmp_path)["schema_version"] == version
+    else:
+        with pytest.raises(SystemExit, match="schema_version 3" if prototypes else "no prototypes"):
+            grid.load_manifest(tmp_path)
 
 
 def test_truncated_idx_file_is_refused(tmp_path):

@@ -35,7 +35,7 @@ the label ids). Unreadable images are reported and skipped.
 
 fashion-mnist preset: 1 channel, 2 crops of 28 px (scale 0.3-1) + 4 crops of 16 px (scale 0.1-0.4),
 blur sigma 0.1-0.5, ResNet-18 at width 32 behind a 3x3 stride-2 stem, K=300 prototypes, batch 256,
-lr 2.4 -> 0.0024 (2 warmup epochs), queue 3840 from epoch 3, 14 epochs, crops drawn batched on tensors.
+lr 2.4 -> 0.0024 (2 warmup epochs), no queue, 14 epochs, crops drawn batched on tensors.
 """
 
 
