@@ -373,7 +373,8 @@ async fn with_thumbnails_off_items_have_none() {
     let req = client().get(format!("{}/v1/items/a/thumbnail", srv.base));
     let (status, body) = call(req, "/v1/items/{id}/thumbnail", "get").await;
     assert_eq!((status, code(&body)), (404, "thumbnail_not_found"));
-    assert!(srv.state.index.as_ref().unwrap().index.thumbnail("a").is_none());
+    let stored = srv.state.index.as_ref().unwrap().index.thumbnail("a").expect("a local read");
+    assert_eq!(stored, swav::index::Thumbnail::NoThumbnail);
 }
 
 /// A bundle imported from a backbone-only checkpoint: no projection and no prototypes, and with

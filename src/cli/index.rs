@@ -3,15 +3,16 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::{ModelArgs, ThumbnailArgs};
+use super::{ModelArgs, StoreArgs, ThumbnailArgs};
 use crate::bundle::Bundle;
 use crate::engine::{Device, Engine};
 use crate::http::items::cluster_of;
-use crate::index::{Index, IndexOptions, ModelIdentity};
+use crate::index::{IndexBackend, IndexLocation, IndexOptions, ModelIdentity};
 use crate::indexer::{self, BuildOptions, BuildReport, Embedded, Embedder, Prepared};
 use crate::preprocess::Preprocessor;
 
@@ -26,12 +27,13 @@ pub enum IndexCommand {
     /// Embed a folder (or a list) of images into an index; a rerun adds only what is missing.
     Build(BuildArgs),
     /// Print the index's counts, clusters and model as JSON (reads the index, changes nothing).
-    Stats(DirArgs),
+    Stats(LocationArgs),
     /// Print the nearest indexed items of image files as JSON ({"results": [[...], ...]});
     /// reads the index, changes nothing.
     Search(SearchArgs),
-    /// Rebuild the graph without deleted items and write a snapshot.
-    Compact(DirArgs),
+    /// Rebuild the graph without deleted items and write a snapshot (for Milvus: ask it to
+    /// compact its segments now).
+    Compact(LocationArgs),
 }
 
 #[derive(Debug, Args)]
@@ -42,9 +44,11 @@ pub struct BuildArgs {
     /// image paths, one per line, relative to the file.
     #[arg(long, env = "SWAV_INDEX_INPUT", value_name = "DIR|FILELIST")]
     pub input: PathBuf,
-    /// Index directory (created if missing).
-    #[arg(long, env = "SWAV_INDEX_OUT", value_name = "INDEX_DIR")]
-    pub out: PathBuf,
+    /// Index directory, or milvus://HOST:PORT/COLLECTION (created if missing).
+    #[arg(long, env = "SWAV_INDEX_OUT", value_name = "INDEX")]
+    pub out: IndexLocation,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Images each inference worker gathers per durable index write (batches queued behind a
     /// busy writer are merged into one write).
     #[arg(long, env = "SWAV_INDEX_BATCH_SIZE", default_value_t = 128, value_parser = at_least_one)]
@@ -79,17 +83,21 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 }
 
 #[derive(Debug, Args)]
-pub struct DirArgs {
-    /// Index directory.
-    #[arg(value_name = "INDEX_DIR")]
-    pub dir: PathBuf,
+pub struct LocationArgs {
+    /// Index directory, or milvus://HOST:PORT/COLLECTION.
+    #[arg(value_name = "INDEX")]
+    pub index: IndexLocation,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct SearchArgs {
-    /// Index directory.
-    #[arg(value_name = "INDEX_DIR")]
-    pub dir: PathBuf,
+    /// Index directory, or milvus://HOST:PORT/COLLECTION.
+    #[arg(value_name = "INDEX")]
+    pub index: IndexLocation,
+    #[command(flatten)]
+    pub store: StoreArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Neighbours per image.
@@ -110,30 +118,31 @@ pub fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         IndexCommand::Build(a) => build(a),
         IndexCommand::Stats(a) => {
-            let index = Index::open_read_only(&a.dir, None, IndexOptions::default())
-                .with_context(|| format!("cannot open index {}", a.dir.display()))?;
-            print_json(&index.stats())
+            let index = open_existing(&a, None, true)?;
+            print_json(&index.stats().with_context(|| format!("cannot read the stats of {}", a.index))?)
         }
         IndexCommand::Search(a) => search(a),
         IndexCommand::Compact(a) => {
-            let report = open_existing(&a.dir)?.compact().with_context(|| format!("cannot compact {}", a.dir.display()))?;
+            let report = open_existing(&a, None, false)?.compact().with_context(|| format!("cannot compact {}", a.index))?;
             print_json(&report)
         }
     }
 }
 
 /// Opens (or creates) the index for this bundle's model; refuses one made by another model.
-pub fn open_for_model(dir: &Path, bundle: &Bundle) -> anyhow::Result<Index> {
-    Index::open_or_create(dir, identity_of(bundle), IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
+pub fn open_for_model(location: &IndexLocation, bundle: &Bundle, store: &StoreArgs) -> anyhow::Result<Arc<dyn IndexBackend>> {
+    crate::index::open_or_create(location, identity_of(bundle), IndexOptions::default(), store.options())
+        .with_context(|| format!("cannot open index {location}"))
+}
+
+fn open_existing(a: &LocationArgs, identity: Option<&ModelIdentity>, read_only: bool) -> anyhow::Result<Arc<dyn IndexBackend>> {
+    crate::index::open_existing(&a.index, identity, read_only, IndexOptions::default(), a.store.options())
+        .with_context(|| format!("cannot open index {}", a.index))
 }
 
 fn identity_of(bundle: &Bundle) -> ModelIdentity {
     let m = &bundle.manifest;
     ModelIdentity { name: m.name.clone(), sha256: m.model_sha256.clone(), dim: m.outputs.embedding.dim }
-}
-
-fn open_existing(dir: &Path) -> anyhow::Result<Index> {
-    Index::open(dir, IndexOptions::default()).with_context(|| format!("cannot open index {}", dir.display()))
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<ExitCode> {
@@ -189,7 +198,7 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let sources = indexer::list(&args.input)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (bundle, engine) = load_for_build(&args.model, args.workers, cores)?;
-    let index = open_for_model(&args.out, &bundle)?;
+    let index = open_for_model(&args.out, &bundle, &args.store)?;
     let workers = engine.workers();
     let inference_batch = args.inference_batch.unwrap_or(if engine.provider() == "cpu" { CPU_INFERENCE_BATCH } else { args.batch_size });
     tracing::info!(workers, batch_size = args.batch_size, inference_batch, "indexing");
@@ -202,9 +211,13 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         workers,
         progress: !args.no_progress,
     };
-    let report = indexer::build(sources, &embedder, &index, &opts)?;
-    index.close().with_context(|| format!("cannot snapshot index {}", args.out.display()))?;
-    let rejected_path = args.out.join("rejected.tsv");
+    let report = indexer::build(sources, &embedder, index.as_ref(), &opts)?;
+    index.close().with_context(|| format!("cannot close index {}", args.out))?;
+    let rejected_path = match &args.out {
+        IndexLocation::Dir(dir) => dir.join("rejected.tsv"),
+        // No directory of ours: beside where the build ran.
+        IndexLocation::Milvus(a) => PathBuf::from(format!("rejected-{}.tsv", a.collection)),
+    };
     write_rejected(&rejected_path, &report)?;
     summarise(&report, &rejected_path);
     println!("{}", serde_json::json!({
@@ -250,8 +263,8 @@ fn write_rejected(path: &Path, report: &BuildReport) -> anyhow::Result<()> {
 
 fn search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     let bundle = args.model.load_bundle()?;
-    let index = Index::open_read_only(&args.dir, Some(&identity_of(&bundle)), IndexOptions::default())
-        .with_context(|| format!("cannot open index {}", args.dir.display()))?;
+    let location = LocationArgs { index: args.index.clone(), store: args.store.clone() };
+    let index = open_existing(&location, Some(&identity_of(&bundle)), true)?;
     let (_, outputs) = super::oneshot::infer_files(&args.model, &args.files)?;
     let results = outputs
         .iter()

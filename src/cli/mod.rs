@@ -29,6 +29,33 @@ pub struct ThumbnailArgs {
     pub thumbnails: bool,
 }
 
+/// How to reach an index kept in Milvus (`--index milvus://HOST:PORT/COLLECTION`).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Seconds each request to Milvus may take before it counts as unavailable (HTTP 503).
+    #[arg(long, env = "SWAV_MILVUS_TIMEOUT", value_name = "SECONDS", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub milvus_timeout: f64,
+    /// Milvus credentials: `user:password` or an API token (prefer the environment variable).
+    #[arg(long, env = "SWAV_MILVUS_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub milvus_token: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn options(&self) -> crate::index::MilvusOptions {
+        crate::index::MilvusOptions {
+            timeout: std::time::Duration::from_secs_f64(self.milvus_timeout),
+            token: self.milvus_token.clone(),
+        }
+    }
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 3600.0 => Ok(s),
+        _ => Err(format!("expected seconds between 0 and 3600, got '{text}'")),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "swav",

@@ -58,10 +58,13 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <KEY>` on /v1/* (health, ready and metrics stay open).
     #[arg(long, env = "SWAV_API_KEY", hide_env_values = true, value_parser = parse_api_key)]
     pub api_key: Option<ApiKey>,
-    /// Nearest-neighbour index directory (created if missing); enables /v1/items, /v1/search
-    /// and /v1/clusters. It must have been built with the same model.
-    #[arg(long, env = "SWAV_INDEX", value_name = "DIR")]
-    pub index: Option<std::path::PathBuf>,
+    /// Nearest-neighbour index: a directory, or milvus://HOST:PORT/COLLECTION to keep it in
+    /// Milvus (shared by any number of replicas); created if missing. Enables /v1/items,
+    /// /v1/search and /v1/clusters. It must have been built with the same model.
+    #[arg(long, env = "SWAV_INDEX", value_name = "DIR|MILVUS_URL")]
+    pub index: Option<crate::index::IndexLocation>,
+    #[command(flatten)]
+    pub store: super::StoreArgs,
     #[command(flatten)]
     pub thumbnails: ThumbnailArgs,
     /// Do not serve the web page at `/`: the same as `--ui=false` (hidden from help so that
@@ -171,11 +174,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     log_configuration(&args, conn, &bundle.dir, &options, engine.provider(), &state);
     let index = match &args.index {
-        Some(dir) => Some(super::index::open_for_model(dir, &bundle)?),
+        Some(location) => Some(super::index::open_for_model(location, &bundle, &args.store)?),
         None => None,
     };
     if let Some(index) = &index {
-        state = state.with_index(index.clone());
+        state = state.with_index_backend(index.clone());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,8 +187,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(args, state, engine))?;
     if let Some(index) = index {
-        // Not needed for safety (the log has every write); it makes the next start replay nothing.
-        index.snapshot().context("cannot snapshot the index at shutdown")?;
+        index.close().context("cannot close the index at shutdown")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -141,6 +141,8 @@ pub struct ApiError {
     /// Answered before the request body was read: the connection cannot carry another request,
     /// and `Connection: close` tells the client so.
     pub close: bool,
+    /// Seconds for `Retry-After`: the code's own rule, or set where the cause passes by itself.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +162,7 @@ impl ApiError {
             code,
             message: message.into(),
             close: false,
+            retry_after: code.retry_after(),
         }
     }
 
@@ -231,6 +234,11 @@ impl From<IndexError> for ApiError {
         match err {
             IndexError::InvalidInput(m) => ApiError::new(ErrorCode::InvalidRequest, m),
             IndexError::Poisoned(..) => ApiError::new(ErrorCode::IndexUnavailable, err.to_string()),
+            // A remote store that is down or slow may be back soon, unlike a poisoned log.
+            IndexError::Unavailable(_) => ApiError {
+                retry_after: Some(RETRY_AFTER_SECS),
+                ..ApiError::new(ErrorCode::IndexUnavailable, err.to_string())
+            },
             IndexError::CompactionRunning { .. } => ApiError::new(ErrorCode::CompactionRunning, err.to_string()),
             other => ApiError::internal(format!("index error: {other}")),
         }
@@ -247,7 +255,7 @@ impl IntoResponse for ApiError {
         };
         let status = self.status();
         let mut response = (status, Json(body)).into_response();
-        if let Some(secs) = self.code.retry_after() {
+        if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.close {

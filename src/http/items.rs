@@ -1,6 +1,7 @@
 //! The index routes: add, get and delete items; search by image, vector or id; list clusters;
 //! compact. Without `--index` every one of them answers 404 `index_not_enabled`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -19,7 +20,7 @@ use super::images::{infer_images, infer_images_with_thumbnails, room_for_a_reque
 use super::input::{self, SearchBody, path, query};
 use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
-use crate::index::{ClusterInfo, ClusterItems, CompactReport, Hit, Index, IndexCollector, IndexStats, Metadata, NewItem};
+use crate::index::{BackendStats, ClusterInfo, ClusterItems, CompactReport, Hit, IndexBackend, IndexError, Metadata, NewItem, Thumbnail};
 use crate::metrics::Metrics;
 
 const DEFAULT_K: usize = 10;
@@ -28,27 +29,35 @@ const MAX_EF: usize = 10_000;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-/// The index as the HTTP layer holds it, with the metrics only requests can measure.
+/// The index as the HTTP layer holds it (whichever backend it is), with the metrics only
+/// requests can measure.
 #[derive(Clone)]
 pub struct IndexHandle {
-    pub index: Index,
+    pub index: Arc<dyn IndexBackend>,
     search_seconds: Histogram,
 }
 
 impl IndexHandle {
-    /// Registers the index's metrics (sizes, log, snapshots, search latency) with `metrics`.
-    pub fn new(index: Index, metrics: &Metrics) -> IndexHandle {
+    /// Registers the backend's own metrics and the search latency with `metrics`.
+    pub fn new(index: Arc<dyn IndexBackend>, metrics: &Metrics) -> IndexHandle {
         let search_seconds = Histogram::with_opts(
             HistogramOpts::new("index_search_duration_seconds", "Time in the index per search query (graph search only)")
-                .buckets(vec![0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05]),
+                .buckets(vec![0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0]),
         )
         .expect("static metric");
-        let registered = IndexCollector::new(index.clone()).and_then(|c| metrics.registry.register(Box::new(c)));
-        let registered = registered.and_then(|()| metrics.registry.register(Box::new(search_seconds.clone())));
-        if let Err(e) = registered {
-            tracing::warn!(error = %e, "index metrics not registered");
+        let collectors = index.collectors().into_iter().chain([Box::new(search_seconds.clone()) as Box<dyn prometheus::core::Collector>]);
+        for c in collectors {
+            if let Err(e) = metrics.registry.register(c) {
+                tracing::warn!(error = %e, "index metrics not registered");
+            }
         }
         IndexHandle { index, search_seconds }
+    }
+
+    /// Runs `f` on the backend off the async runtime (fsyncs, graph work, network round trips).
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&dyn IndexBackend) -> Result<T, IndexError> + Send + 'static) -> Result<T, ApiError> {
+        let index = self.index.clone();
+        Ok(blocking(move || f(index.as_ref())).await??)
     }
 }
 
@@ -98,8 +107,7 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
         .zip(outputs)
         .map(|((id, metadata), (out, thumbnail))| NewItem { cluster: cluster_of(&out), vector: out.embedding, id, metadata, thumbnail })
         .collect();
-    let index = h.index.clone();
-    let report = blocking(move || index.add(items)).await??;
+    let report = h.call(move |index| index.add(items)).await?;
     Ok(Json(AddResponse { added: report.added, ids }))
 }
 
@@ -133,9 +141,12 @@ pub async fn get_item(
     if uri.path().ends_with(THUMBNAIL_SUFFIX) && id.len() > THUMBNAIL_SUFFIX.len() {
         // The suffix is plain ASCII, so it ends the decoded id exactly as it ends the raw one.
         let id = &id[..id.len() - THUMBNAIL_SUFFIX.len()];
-        return thumbnail(&h.index, id, &headers);
+        let id = id.to_string();
+        let key = id.clone();
+        return thumbnail(h.call(move |index| index.thumbnail(&key)).await?, &id, &headers);
     }
-    h.index.get(&id).map(|item| Json(item).into_response()).ok_or_else(|| item_not_found(&id))
+    let key = id.clone();
+    h.call(move |index| index.get(&key)).await?.map(|item| Json(item).into_response()).ok_or_else(|| item_not_found(&id))
 }
 
 const THUMBNAIL_SUFFIX: &str = "/thumbnail";
@@ -143,15 +154,16 @@ const THUMBNAIL_SUFFIX: &str = "/thumbnail";
 /// The stored thumbnail with its type, an ETag from its bytes (a replaced item gets a new one),
 /// and `private, no-cache`: browsers keep it but ask again, answered by 304 while it is the same,
 /// and no shared cache keeps what may sit behind an API key.
-fn thumbnail(index: &Index, id: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let Some(bytes) = index.thumbnail(id) else {
-        if !index.contains(id) {
-            return Err(item_not_found(id));
+fn thumbnail(stored: Thumbnail, id: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let bytes = match stored {
+        Thumbnail::Bytes(bytes) => bytes,
+        Thumbnail::NoItem => return Err(item_not_found(id)),
+        Thumbnail::NoThumbnail => {
+            return Err(ApiError::new(
+                ErrorCode::ThumbnailNotFound,
+                format!("item {id:?} has no thumbnail (added before thumbnails existed, or with --thumbnails=false)"),
+            ));
         }
-        return Err(ApiError::new(
-            ErrorCode::ThumbnailNotFound,
-            format!("item {id:?} has no thumbnail (added before thumbnails existed, or with --thumbnails=false)"),
-        ));
     };
     let digest = sha2::Sha256::digest(&bytes);
     let etag = format!("\"{}\"", hex::encode(&digest[..16]));
@@ -176,10 +188,10 @@ fn thumbnail(index: &Index, id: &str, headers: &HeaderMap) -> Result<Response, A
 }
 
 pub async fn delete_item(State(state): State<AppState>, id: Result<Path<String>, PathRejection>) -> Result<StatusCode, ApiError> {
-    let index = handle(&state)?.index.clone();
+    let h = handle(&state)?;
     let id = path(id)?;
     let key = id.clone();
-    match blocking(move || index.delete(&key)).await?? {
+    match h.call(move |index| index.delete(&key)).await? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(item_not_found(&id)),
     }
@@ -233,7 +245,7 @@ pub async fn search(
         };
         match queries {
             Queries::Id(id) => {
-                let hits = timed(&|| h.index.search_by_id(&id, k, ef, cluster).ok_or_else(|| item_not_found(&id)))?;
+                let hits = timed(&|| h.index.search_by_id(&id, k, ef, cluster)?.ok_or_else(|| item_not_found(&id)))?;
                 Ok(vec![hits])
             }
             Queries::Vectors(vs) => vs
@@ -272,8 +284,8 @@ pub struct ClustersResponse {
 
 pub async fn clusters(State(state): State<AppState>) -> Result<Json<ClustersResponse>, ApiError> {
     let h = handle(&state)?;
-    clustered(&state)?;
-    Ok(Json(ClustersResponse { clusters: h.index.clusters() }))
+    let count = clustered(&state)?;
+    Ok(Json(ClustersResponse { clusters: h.call(move |index| index.clusters(count)).await? }))
 }
 
 /// The number of clusters; an error when the model has neither prototypes nor centroids.
@@ -304,7 +316,8 @@ pub async fn cluster_items(
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid_parameters(format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
     }
-    Ok(Json(h.index.cluster_items(cluster, limit, q.offset.unwrap_or(0))))
+    let offset = q.offset.unwrap_or(0);
+    Ok(Json(h.call(move |index| index.cluster_items(cluster, limit, offset)).await?))
 }
 
 /// A cluster the model does not have is a 404, on every route.
@@ -323,11 +336,18 @@ fn check_cluster(state: &AppState, cluster: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub async fn stats(State(state): State<AppState>) -> Result<Json<IndexStats>, ApiError> {
-    Ok(Json(handle(&state)?.index.stats()))
+pub async fn stats(State(state): State<AppState>) -> Result<Json<BackendStats>, ApiError> {
+    Ok(Json(handle(&state)?.call(|index| index.stats()).await?))
 }
 
 pub async fn compact(State(state): State<AppState>) -> Result<Json<CompactReport>, ApiError> {
-    let index = handle(&state)?.index.clone();
-    Ok(Json(blocking(move || index.compact()).await??))
+    Ok(Json(handle(&state)?.call(|index| index.compact()).await?))
+}
+
+/// Whether the index can answer, for `/ready`: Ok when there is none.
+pub async fn ready(state: &AppState) -> Result<(), ApiError> {
+    match &state.index {
+        Some(h) => h.call(|index| index.check_ready()).await,
+        None => Ok(()),
+    }
 }

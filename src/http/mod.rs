@@ -110,8 +110,12 @@ impl AppState {
         }
     }
 
-    /// Serves `index` on the index routes and exports its metrics.
-    pub fn with_index(mut self, index: crate::index::Index) -> AppState {
+    /// Serves `index` (any backend) on the index routes and exports its metrics.
+    pub fn with_index(self, index: impl crate::index::IndexBackend) -> AppState {
+        self.with_index_backend(Arc::new(index))
+    }
+
+    pub fn with_index_backend(mut self, index: Arc<dyn crate::index::IndexBackend>) -> AppState {
         self.index = Some(Arc::new(items::IndexHandle::new(index, &self.metrics)));
         self
     }

@@ -22,11 +22,11 @@ pub async fn health() -> Json<Status> {
 }
 
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    if state.ready.load(Ordering::Acquire) {
-        Ok(Json(Status { status: "ready" }))
-    } else {
-        Err(ApiError::new(ErrorCode::NotReady, "the model is loading or warming up"))
+    if !state.ready.load(Ordering::Acquire) {
+        return Err(ApiError::new(ErrorCode::NotReady, "the model is loading or warming up"));
     }
+    super::items::ready(&state).await?;
+    Ok(Json(Status { status: "ready" }))
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -41,6 +41,13 @@ pub enum IndexError {
     /// The index was opened read-only (`swav index stats|search`).
     #[error("index {0} is open read-only")]
     ReadOnly(PathBuf),
+    /// The remote store (Milvus) is unreachable, or did not answer within the request timeout.
+    /// Nothing is known to have changed; retrying later may succeed.
+    #[error("the index store is unavailable: {0}")]
+    Unavailable(String),
+    /// The remote store answered with an error that retrying will not cure.
+    #[error("the index store refused the request: {0}")]
+    Store(String),
     #[error("{context} {path}: {source}")]
     Io {
         context: &'static str,

@@ -8,6 +8,7 @@
 //! serialises writers; graph inserts run outside the RwLock, and items become visible only
 //! once their insert has finished.
 
+mod backend;
 mod codec;
 mod collector;
 #[cfg(test)]
@@ -17,6 +18,8 @@ mod faults;
 #[cfg(test)]
 mod fuzz;
 mod graph;
+mod location;
+pub mod milvus;
 #[cfg(test)]
 mod reach;
 mod metadata;
@@ -40,7 +43,10 @@ use graph::{Graph, GraphParams};
 use store::State;
 use wal::{Op, Wal};
 
+pub use backend::{BackendStats, IndexBackend, Thumbnail, open_existing, open_or_create};
 pub use collector::IndexCollector;
+pub use location::{IndexLocation, MilvusAddress};
+pub use milvus::{MilvusIndex, MilvusOptions};
 pub use error::{IndexError, ModelMismatch};
 pub use faults::{FaultPoint, Faults, NoFaults};
 pub use metadata::Metadata;
@@ -1018,7 +1024,7 @@ pub fn check_id(id: &str) -> Result<(), IndexError> {
 }
 
 /// The vector scaled to unit length, after checking its size and values.
-fn unit_vector(v: &[f32], dim: usize, what: &str) -> Result<Vec<f32>, IndexError> {
+pub(crate) fn unit_vector(v: &[f32], dim: usize, what: &str) -> Result<Vec<f32>, IndexError> {
     if v.len() != dim {
         return Err(IndexError::InvalidInput(format!("{what} has {} values, the index expects {dim}", v.len())));
     }

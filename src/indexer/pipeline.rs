@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use super::sources::Source;
-use crate::index::{Index, NewItem};
+use crate::index::{IndexBackend, NewItem};
 
 /// One embedded image: the vector to index and its cluster (the prototype argmax).
 #[derive(Debug, Clone, PartialEq)]
@@ -67,10 +67,10 @@ type Decoded = (Source, Result<Prepared, String>);
 
 /// Indexes every source not already in `index`. Bad files are collected, not fatal; model
 /// and index failures are.
-pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &Index, opts: &BuildOptions) -> anyhow::Result<BuildReport> {
+pub fn build(sources: Vec<Source>, embedder: &dyn Embedder, index: &dyn IndexBackend, opts: &BuildOptions) -> anyhow::Result<BuildReport> {
     let started = Instant::now();
     let files = sources.len();
-    let todo: Vec<Source> = sources.into_iter().filter(|s| !index.contains(&s.id)).collect();
+    let todo = missing(sources, index)?;
     let already_present = files - todo.len();
     let batch_size = opts.batch_size.max(1);
     let sizes = Sizes { batch: batch_size, inference: opts.inference_batch.max(1) };
@@ -217,10 +217,26 @@ fn infer(
     Ok((rejected, embedded))
 }
 
+/// Ids asked about per call when looking for what a previous build already indexed.
+const PRESENT_CHUNK: usize = 1000;
+
+/// The sources whose ids the index does not hold yet (a rerun resumes where the last one stopped).
+fn missing(sources: Vec<Source>, index: &dyn IndexBackend) -> anyhow::Result<Vec<Source>> {
+    let mut todo = Vec::with_capacity(sources.len());
+    let mut rest = sources.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Source> = rest.by_ref().take(PRESENT_CHUNK).collect();
+        let ids: Vec<String> = chunk.iter().map(|s| s.id.clone()).collect();
+        let present = index.present(&ids)?;
+        todo.extend(chunk.into_iter().filter(|s| !present.contains(&s.id)));
+    }
+    Ok(todo)
+}
+
 /// Adds batches to the index (each durable when added); returns how many items were written.
 /// Batches that queued up while the previous write ran go into one write: one log sync and one
 /// parallel graph insert instead of several.
-fn write_batches(index: &Index, rx: Receiver<Vec<NewItem>>, progress: &ProgressBar) -> anyhow::Result<usize> {
+fn write_batches(index: &dyn IndexBackend, rx: Receiver<Vec<NewItem>>, progress: &ProgressBar) -> anyhow::Result<usize> {
     let mut written = 0;
     while let Ok(mut batch) = rx.recv() {
         while let Ok(more) = rx.try_recv() {
@@ -237,7 +253,7 @@ fn write_batches(index: &Index, rx: Receiver<Vec<NewItem>>, progress: &ProgressB
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::{IndexOptions, ModelIdentity};
+    use crate::index::{Index, IndexOptions, ModelIdentity};
 
     /// Files hold a number n; the "model" maps it to a 2-d vector; b"bad" does not decode.
     #[derive(Default)]
