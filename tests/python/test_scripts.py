@@ -25,8 +25,8 @@ def load(name: str, path: Path):
 ortlib = load("ortlib", REPO / "scripts" / "ort" / "ortlib.py")
 test_summary = load("test_summary", REPO / "scripts" / "lib" / "test_summary.py")
 
-ENTRY_POINTS = ["scripts/setup", "scripts/setup-train", "scripts/install-ort", "scripts/serve",
-                "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", "scripts/docker-local", ".ci/run"]  # fmt: skip
+ENTRY_POINTS = ["scripts/setup", "scripts/setup-train", "scripts/setup-milvus", "scripts/install-ort",
+                "scripts/serve", "scripts/test", "scripts/gpu_check.sh", "scripts/gpu_pack.sh", "scripts/docker-local", ".ci/run"]  # fmt: skip
 SHELL_FILES = ENTRY_POINTS + ["scripts/lib/log.sh", "scripts/lib/apt.sh", "benchmarks/quick_serve.sh",
                               "benchmarks/ab_serve.sh"]  # fmt: skip
 

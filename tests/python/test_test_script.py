@@ -43,7 +43,9 @@ def env(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
+    # The Milvus test environment's set-up runs the same stand-in python.
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SWAV_VENV=str(tmp_path / "venv"),
+                SWAV_MILVUS_VENV=str(tmp_path / "venv"),
                 STUB_LOG=str(tmp_path / "calls.log"), PYTEST_SAYS="5 passed, 1 skipped in 0.20s",
                 PYTEST_EXIT="0")  # fmt: skip
 

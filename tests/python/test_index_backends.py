@@ -1,0 +1,282 @@
+"""The index routes of `swav serve` on both backends: its own index directory and a real Milvus 2.3.5
+(PyPI's embedded standalone server, see milvus_server.py). One suite, parametrised over the backend;
+then what only a shared store can do: two replicas on one collection, Milvus stopped and started
+under a running server, and the batch indexer resuming into Milvus."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from milvus_server import Milvus, loopback_only_network, milvus_python, milvus_server, swav_serve
+from repo_tools import REPO, fixture_bundle, swav_bin  # noqa: F401 (a fixture)
+
+# Short, so that the outage test is quick; long enough for a loaded machine's normal answers.
+TIMEOUT_S = 3
+
+
+def png(seed: int) -> bytes:
+    """Varied, distinct 28x28 gray images (noise, gradients, stripes, flat), so that they fall in several
+    clusters and no two tie in a search."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 4
+    if kind == 0:
+        pixels = rng.integers(0, 256, (28, 28))
+    elif kind == 1:
+        pixels = np.tile(np.linspace(0, 255 - 4 * seed, 28), (28, 1))
+    elif kind == 2:
+        pixels = np.full((28, 28), seed * 37 % 256)
+    else:
+        pixels = (np.indices((28, 28)).sum(axis=0) // (1 + seed % 5) % 2) * 255
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), "L").save(out, "PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# Ids that an expression or a URL could trip over.
+IDS = ["img/0.png", 'quote"and\\backslash', "ünïcode ✓", "with space", "a'b"] + [f"img/{i}.png" for i in range(5, 16)]
+
+
+def items(ids: list[str]) -> list[dict]:
+    return [{"id": id, "image": b64(png(i)), "metadata": {"n": i, "tag": f"t{i % 3}"}} for i, id in enumerate(ids)]
+
+
+def quoted(id: str) -> str:
+    return quote(id, safe="")
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Milvus]:
+    """One Milvus for the module, in a loopback-only network namespace with every process that uses it."""
+    with loopback_only_network(), milvus_server(tmp_path_factory.mktemp("milvus")) as server:
+        yield server
+
+
+def collection() -> str:
+    return "swav_" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(params=["local", "milvus"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty index of each backend, as `--index` names it."""
+    if request.param == "local":
+        return str(tmp_path / "index")
+    server: Milvus = request.getfixturevalue("milvus")
+    return server.url(collection())
+
+
+def scenario(srv) -> dict:
+    """Adds, reads, searches, replaces and deletes through the API; asserts what must hold on any
+    backend and returns the answers that must agree between backends."""
+    status, body, _ = srv.call("POST", "/v1/items", {"items": items(IDS)})
+    assert status == 200, body
+    assert body == {"added": len(IDS), "ids": IDS}
+    got = {}
+    for id in IDS:
+        status, item, _ = srv.call("GET", f"/v1/items/{quoted(id)}")
+        assert status == 200, (id, item)
+        assert item["id"] == id and item["metadata"]["n"] == IDS.index(id)
+        got[id] = item
+    status, body, _ = srv.call("GET", "/v1/items/nope")
+    assert (status, body["error"]["code"]) == (404, "item_not_found")
+
+    status, thumb, headers = srv.call("GET", f"/v1/items/{quoted(IDS[1])}/thumbnail")
+    assert status == 200 and headers["Content-Type"].startswith("image/")
+
+    # Search by id: the item itself is left out, best first, at most k.
+    status, body, _ = srv.call("POST", "/v1/search?k=5&ef=32", {"id": IDS[0]})
+    assert status == 200, body
+    hits = body["results"][0]
+    assert len(hits) == 5 and IDS[0] not in [h["id"] for h in hits]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    by_id = [h["id"] for h in hits]
+
+    # An image's own item is its nearest neighbour, with cosine 1.
+    status, body, _ = srv.call("POST", "/v1/search?k=3", {"images": [b64(png(7))]})
+    assert status == 200, body
+    assert body["results"][0][0]["id"] == IDS[7] and body["results"][0][0]["score"] == pytest.approx(1, abs=1e-4)
+
+    # The cluster filter keeps only that cluster's items.
+    cluster = got[IDS[7]]["cluster"]
+    status, body, _ = srv.call("POST", f"/v1/search?k=20&cluster={cluster}", {"images": [b64(png(7))]})
+    assert status == 200, body
+    filtered = body["results"][0]
+    members = sorted(id for id, item in got.items() if item["cluster"] == cluster)
+    assert sorted(h["id"] for h in filtered) == members
+    assert all(h["cluster"] == cluster for h in filtered)
+
+    status, body, _ = srv.call("GET", "/v1/clusters")
+    assert status == 200, body
+    sizes = {c["id"]: c["size"] for c in body["clusters"]}
+    assert sum(sizes.values()) == len(IDS)
+    status, page, _ = srv.call("GET", f"/v1/clusters/{cluster}/items?limit=2&offset=1")
+    assert status == 200, page
+    assert page["total"] == len(members) and [i["id"] for i in page["items"]] == members[1:3]
+
+    # Replacing an id keeps one item with the new metadata.
+    status, body, _ = srv.call("POST", "/v1/items", {"items": [{"id": IDS[2], "image": b64(png(2)), "metadata": {"n": -1}}]})
+    assert status == 200 and body["added"] == 1
+    assert srv.call("GET", f"/v1/items/{quoted(IDS[2])}")[1]["metadata"] == {"n": -1}
+
+    # Deletes: gone from get, search and counts; a second delete is a 404.
+    assert srv.call("DELETE", f"/v1/items/{quoted(IDS[7])}")[0] == 204
+    assert srv.call("DELETE", f"/v1/items/{quoted(IDS[7])}")[0] == 404
+    assert srv.call("GET", f"/v1/items/{quoted(IDS[7])}")[0] == 404
+    status, body, _ = srv.call("POST", "/v1/search?k=20", {"images": [b64(png(7))]})
+    assert IDS[7] not in [h["id"] for h in body["results"][0]]
+    status, body, _ = srv.call("GET", "/v1/clusters")
+    after = {c["id"]: c["size"] for c in body["clusters"]}
+    assert sum(after.values()) == len(IDS) - 1 and after.get(cluster, 0) == sizes[cluster] - 1
+
+    status, stats, _ = srv.call("GET", "/v1/index")
+    assert status == 200 and stats["items"] == len(IDS) - 1
+    return {"clusters": {id: item["cluster"] for id, item in got.items()}, "by_id": by_id, "sizes": after}
+
+
+def test_index_api_on_each_backend(swav_bin, index):
+    with swav_serve(swav_bin, index, "--milvus-timeout", str(TIMEOUT_S)) as srv:
+        scenario(srv)
+
+
+def test_backends_give_the_same_answers(swav_bin, tmp_path, milvus):
+    with swav_serve(swav_bin, str(tmp_path / "index")) as local:
+        want = scenario(local)
+    with swav_serve(swav_bin, milvus.url(collection()), "--milvus-timeout", str(TIMEOUT_S)) as remote:
+        got = scenario(remote)
+    # With 16 items HNSW's search is exact on both sides.
+    assert got == want
+
+
+def test_the_collection_has_the_documented_schema_and_refuses_another_model(swav_bin, tmp_path, milvus):
+    name = collection()
+    with swav_serve(swav_bin, milvus.url(name)) as srv:
+        assert srv.call("POST", "/v1/items", {"items": items(IDS[:2])})[0] == 200
+    # Read back with Milvus's own client, in Milvus's environment.
+    script = f"""
+import json
+from pymilvus import connections, Collection
+connections.connect(host="127.0.0.1", port={milvus.port})
+c = Collection({name!r})
+fields = {{f.name: (f.dtype.name, f.is_primary, f.params) for f in c.schema.fields}}
+indexes = {{i.field_name: i.params for i in c.indexes}}
+print(json.dumps({{"fields": fields, "indexes": indexes, "description": c.schema.description}}, default=str))
+"""
+    out = subprocess.run([str(milvus_python()), "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["fields"]["id"][:2] == ["VARCHAR", True]
+    assert info["fields"]["vector"][0] == "FLOAT_VECTOR" and info["fields"]["vector"][2]["dim"] == 32
+    assert info["fields"]["cluster"][0] == "INT64" and info["fields"]["metadata"][0] == "JSON"
+    hnsw = info["indexes"]["vector"]
+    assert hnsw["index_type"] == "HNSW" and hnsw["metric_type"] == "IP"
+    assert hnsw["params"] == {"M": 16, "efConstruction": 200}
+    assert "cluster" in info["indexes"]
+    description = json.loads(info["description"])
+    manifest = json.loads((fixture_bundle("tiny-gray") / "manifest.json").read_text())
+    assert description["model"]["sha256"] == manifest["model_sha256"]
+
+    # Another model on the same collection: a clear error at start, not a silent mix of vectors.
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in ("model.onnx", "manifest.json"):
+        (other / file).write_bytes((fixture_bundle("tiny-gray") / file).read_bytes())
+    changed = json.loads((other / "manifest.json").read_text())
+    changed["name"] = "another-model"
+    (other / "manifest.json").write_text(json.dumps(changed))
+    result = subprocess.run([str(swav_bin), "serve", "--model", str(other), "--listen", "127.0.0.1:0", "--device", "cpu",
+                             "--index", milvus.url(name)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    assert "was built with model 'tiny-gray'" in result.stderr and "another-model" in result.stderr, result.stderr[-2000:]
+
+
+def test_two_replicas_share_one_collection(swav_bin, milvus):
+    url = milvus.url(collection())
+    with swav_serve(swav_bin, url) as a, swav_serve(swav_bin, url) as b:
+        assert a.call("POST", "/v1/items", {"items": items(IDS)})[0] == 200
+        # Added through A: found through B by id and by search, at once (Strong reads).
+        status, item, _ = b.call("GET", f"/v1/items/{quoted(IDS[3])}")
+        assert status == 200 and item["metadata"]["n"] == 3
+        status, body, _ = b.call("POST", "/v1/search?k=1", {"images": [b64(png(3))]})
+        assert status == 200 and body["results"][0][0]["id"] == IDS[3]
+        # Deleted through B: gone through A.
+        assert b.call("DELETE", f"/v1/items/{quoted(IDS[3])}")[0] == 204
+        assert a.call("GET", f"/v1/items/{quoted(IDS[3])}")[0] == 404
+        status, body, _ = a.call("POST", "/v1/search?k=20", {"images": [b64(png(3))]})
+        assert IDS[3] not in [h["id"] for h in body["results"][0]]
+        assert a.call("GET", "/v1/index")[1]["items"] == b.call("GET", "/v1/index")[1]["items"] == len(IDS) - 1
+
+
+def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path, milvus):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        (images / f"{i}.png").write_bytes(png(i))
+    url = milvus.url(collection())
+    model = ["--model", str(fixture_bundle("tiny-gray")), "--device", "cpu"]
+
+    def build() -> dict:
+        out = subprocess.run([str(swav_bin), "index", "build", *model, "--input", str(images), "--out", url,
+                              "--no-progress", "--batch-size", "5"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = build()
+    assert (first["indexed"], first["already_present"]) == (12, 0)
+    (images / "12.png").write_bytes(png(12))
+    second = build()
+    assert (second["indexed"], second["already_present"]) == (1, 12)
+
+    out = subprocess.run([str(swav_bin), "index", "stats", url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout)
+    assert stats["items"] == 13 and stats["backend"] == "milvus"
+    out = subprocess.run([str(swav_bin), "index", "search", url, *model, "--k", "1", str(images / "5.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["results"][0][0]["id"] == "5.png"
+
+
+def test_milvus_down_is_a_quick_503_and_acknowledged_items_survive_its_restart(swav_bin, milvus):
+    """Last in the module: it stops the module's Milvus and starts it again."""
+    url = milvus.url(collection())
+    with swav_serve(swav_bin, url, "--milvus-timeout", str(TIMEOUT_S)) as srv:
+        assert srv.call("POST", "/v1/items", {"items": items(IDS[:8])})[0] == 200
+        milvus.stop()
+        try:
+            for method, path, body in [("GET", f"/v1/items/{quoted(IDS[0])}", None),
+                                       ("POST", "/v1/search?k=3", {"id": IDS[0]}),
+                                       ("POST", "/v1/items", {"items": items(IDS[8:9])}),
+                                       ("GET", "/v1/clusters", None),
+                                       ("GET", "/ready", None)]:
+                started = time.monotonic()
+                status, answer, headers = srv.call(method, path, body, timeout=TIMEOUT_S * 4)
+                took = time.monotonic() - started
+                assert (status, answer["error"]["code"]) == (503, "index_unavailable"), (path, answer)
+                assert headers.get("Retry-After") == "1", (path, headers)
+                assert took < TIMEOUT_S * 2 + 1, f"{path} took {took:.1f} s with Milvus down"
+        finally:
+            milvus.start()
+        deadline = time.monotonic() + 180
+        while srv.call("GET", "/ready")[0] != 200:
+            assert time.monotonic() < deadline, "swav did not become ready again after Milvus restarted"
+            time.sleep(1)
+        for id in IDS[:8]:
+            status, item, _ = srv.call("GET", f"/v1/items/{quoted(id)}")
+            assert status == 200, (id, item)
+        assert srv.call("GET", "/v1/index")[1]["items"] == 8
