@@ -30,7 +30,7 @@ pub struct ThumbnailArgs {
 }
 
 /// How to reach an index kept in Milvus (`--index milvus://HOST:PORT/COLLECTION`).
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct StoreArgs {
     /// Seconds each request to Milvus may take before it counts as unavailable (HTTP 503).
     #[arg(long, env = "SWAV_MILVUS_TIMEOUT", value_name = "SECONDS", default_value_t = 5.0, value_parser = positive_seconds)]
@@ -38,6 +38,16 @@ pub struct StoreArgs {
     /// Milvus credentials: `user:password` or an API token (prefer the environment variable).
     #[arg(long, env = "SWAV_MILVUS_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub milvus_token: Option<String>,
+}
+
+/// The token shows only as set or not, so that no log or panic message carries it.
+impl std::fmt::Debug for StoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreArgs")
+            .field("milvus_timeout", &self.milvus_timeout)
+            .field("milvus_token", &self.milvus_token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl StoreArgs {
@@ -112,5 +122,18 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod store_args_tests {
+    use super::StoreArgs;
+
+    #[test]
+    fn the_milvus_token_never_shows_in_debug_output() {
+        let args = StoreArgs { milvus_timeout: 5.0, milvus_token: Some("s3cret-token".into()) };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
     }
 }

@@ -217,6 +217,8 @@ fn log_configuration(args: &ServeArgs, conn: ConnLimits, model_dir: &std::path::
         decode_threads = state.decode_permits.available_permits(),
         api_key = ?args.api_key,
         index = ?args.index,
+        milvus_timeout = args.store.milvus_timeout,
+        milvus_token = ?args.store.milvus_token.as_ref().map(|_| "***"),
         thumbnails = state.thumbnails,
         ui = state.ui,
         max_connections = conn.max_connections,
