@@ -9,7 +9,9 @@ import base64
 import io
 import json
 import subprocess
+import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,12 +255,33 @@ def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path
 
 
 def test_milvus_down_is_a_quick_503_and_acknowledged_items_survive_its_restart(swav_bin, milvus):
-    """Last in the module: it stops the module's Milvus and starts it again."""
+    """Last in the module: it stops the module's Milvus and starts it again while a writer keeps
+    adding items one by one."""
     url = milvus.url(collection())
     with swav_serve(swav_bin, url, "--milvus-timeout", str(TIMEOUT_S)) as srv:
         assert srv.call("POST", "/v1/items", {"items": items(IDS[:8])})[0] == 200
-        milvus.stop()
+        acknowledged = set(IDS[:8])
+        answers: list[tuple[int, float]] = []
+        stop = threading.Event()
+
+        def writer() -> None:
+            n = 0
+            while not stop.is_set():
+                id = f"during/{n}"
+                started = time.monotonic()
+                status, _, _ = srv.call("POST", "/v1/items", {"items": [{"id": id, "image": b64(png(n))}]},
+                                        timeout=TIMEOUT_S * 4)
+                answers.append((status, time.monotonic() - started))
+                if status == 200:
+                    acknowledged.add(id)
+                n += 1
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
         try:
+            time.sleep(2)
+            milvus.stop()
             for method, path, body in [("GET", f"/v1/items/{quoted(IDS[0])}", None),
                                        ("POST", "/v1/search?k=3", {"id": IDS[0]}),
                                        ("POST", "/v1/items", {"items": items(IDS[8:9])}),
@@ -276,7 +299,18 @@ def test_milvus_down_is_a_quick_503_and_acknowledged_items_survive_its_restart(s
         while srv.call("GET", "/ready")[0] != 200:
             assert time.monotonic() < deadline, "swav did not become ready again after Milvus restarted"
             time.sleep(1)
-        for id in IDS[:8]:
+        time.sleep(2)
+        stop.set()
+        thread.join(timeout=60)
+        statuses = {status for status, _ in answers}
+        assert statuses <= {200, 503} and 503 in statuses, answers
+        assert answers[-1][0] == 200, "writes did not succeed again after the restart"
+        assert max(took for _, took in answers) < TIMEOUT_S * 2 + 1, answers
+        for id in sorted(acknowledged):
             status, item, _ = srv.call("GET", f"/v1/items/{quoted(id)}")
             assert status == 200, (id, item)
-        assert srv.call("GET", "/v1/index")[1]["items"] == 8
+        assert srv.call("GET", "/v1/index")[1]["items"] >= len(acknowledged)
+        metrics = urllib.request.urlopen(srv.base + "/metrics", timeout=30).read().decode()
+        errors = [line for line in metrics.splitlines()
+                  if line.startswith("swav_index_store_errors_total") and 'kind="unavailable"' in line]
+        assert errors and any(float(line.split()[-1]) > 0 for line in errors), errors
