@@ -254,6 +254,44 @@ def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path
     assert json.loads(out.stdout)["results"][0][0]["id"] == "5.png"
 
 
+def smooth_png(rng: np.random.Generator) -> bytes:
+    """A random image of blobs (a 4x4 grid of gray levels, enlarged) with a little noise: embeddings
+    spread out, with no exact ties."""
+    coarse = rng.integers(0, 256, (4, 4)).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(coarse, "L").resize((28, 28), Image.BILINEAR), dtype=np.int16)
+    pixels = np.clip(pixels + rng.integers(-8, 9, (28, 28)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, "PNG")
+    return out.getvalue()
+
+
+def test_milvus_search_recall_against_exact_search(swav_bin, milvus):
+    """recall@10 of /v1/search on Milvus against exact cosine search over the same embeddings
+    (a small set here; the issue's 10k-image agreement run is separate)."""
+    rng = np.random.default_rng(19)
+    images = [smooth_png(rng) for _ in range(400)]
+    with swav_serve(swav_bin, milvus.url(collection())) as srv:
+        vectors = []
+        for start in range(0, len(images), 50):
+            batch = images[start:start + 50]
+            status, body, _ = srv.call("POST", "/v1/embed?output=embedding", {"images": [b64(b) for b in batch]})
+            assert status == 200, body
+            vectors += body["embeddings"]
+            added = [{"id": f"r{start + i}", "image": b64(b)} for i, b in enumerate(batch)]
+            assert srv.call("POST", "/v1/items", {"items": added})[0] == 200
+        e = np.array(vectors, dtype=np.float64)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        found = 0
+        queries = range(0, len(images), 8)
+        for q in queries:
+            exact = {f"r{i}" for i in np.argsort(-(e @ e[q]), kind="stable")[:10]}
+            status, body, _ = srv.call("POST", "/v1/search?k=10", {"vector": e[q].tolist()})
+            assert status == 200, body
+            found += len(exact & {h["id"] for h in body["results"][0]})
+        recall = found / (10 * len(queries))
+        assert recall >= 0.98, recall
+
+
 def test_milvus_down_is_a_quick_503_and_acknowledged_items_survive_its_restart(swav_bin, milvus):
     """Last in the module: it stops the module's Milvus and starts it again while a writer keeps
     adding items one by one."""
