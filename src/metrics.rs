@@ -27,6 +27,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
+    /// Requests waiting for room in the queue, their bodies unread.
+    pub admission_waiting: IntGauge,
     pub images_decoded: IntCounter,
     /// `reason`: the error code of the rejection.
     pub images_rejected: IntCounterVec,
@@ -62,6 +64,8 @@ impl Metrics {
             )
             .expect("static metric"),
             queue_depth: IntGauge::new("queue_depth", "Images waiting in the batch queue").expect("static metric"),
+            admission_waiting: IntGauge::new("admission_waiting", "Requests waiting for room in the batch queue")
+                .expect("static metric"),
             images_decoded: IntCounter::new("images_decoded_total", "Images decoded and preprocessed")
                 .expect("static metric"),
             images_rejected: IntCounterVec::new(
@@ -94,6 +98,7 @@ impl Metrics {
             Box::new(self.inference_seconds.clone()),
             Box::new(self.batch_size.clone()),
             Box::new(self.queue_depth.clone()),
+            Box::new(self.admission_waiting.clone()),
             Box::new(self.images_decoded.clone()),
             Box::new(self.images_rejected.clone()),
             Box::new(self.overloaded.clone()),

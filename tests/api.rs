@@ -309,7 +309,14 @@ async fn full_queue_answers_429_with_retry_after_at_once() {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::from_millis(300));
     let cfg = ServerConfig {
-        batcher: BatcherConfig { max_batch_size: 1, max_delay: Duration::ZERO, queue_capacity: 2 },
+        // Refusing at once, as the test's name says (waiting for room: tests/hostile.rs).
+        batcher: BatcherConfig {
+            max_batch_size: 1,
+            max_delay: Duration::ZERO,
+            queue_capacity: 2,
+            admission_wait: Duration::ZERO,
+            ..BatcherConfig::default()
+        },
         ..ServerConfig::default()
     };
     let srv = common::start_in_process(&bundle, runner, cfg).await;
@@ -353,7 +360,7 @@ async fn abandoned_requests_are_dropped_before_inference() {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::from_millis(300));
     let metrics = Arc::new(Metrics::new());
-    let config = BatcherConfig { max_batch_size: 8, max_delay: Duration::ZERO, queue_capacity: 16 };
+    let config = BatcherConfig { max_batch_size: 8, max_delay: Duration::ZERO, queue_capacity: 16, ..BatcherConfig::default() };
     let batcher = Arc::new(Batcher::new(runner.clone(), 1, config, metrics.clone()));
     let tensor = vec![0.5f32; bundle.manifest.input.tensor_len()];
 
@@ -384,7 +391,7 @@ async fn a_batch_waits_only_for_images_that_are_on_their_way() {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::ZERO);
     let metrics = Arc::new(Metrics::new());
-    let config = BatcherConfig { max_batch_size: 8, max_delay: Duration::from_secs(2), queue_capacity: 16 };
+    let config = BatcherConfig { max_batch_size: 8, max_delay: Duration::from_secs(2), queue_capacity: 16, ..BatcherConfig::default() };
     let batcher = Arc::new(Batcher::new(runner.clone(), 1, config, metrics.clone()));
     let tensor = vec![0.5f32; bundle.manifest.input.tensor_len()];
 
@@ -519,7 +526,7 @@ async fn disconnected_clients_are_dropped_before_inference() {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::from_millis(400));
     let cfg = ServerConfig {
-        batcher: BatcherConfig { max_batch_size: 8, max_delay: Duration::ZERO, queue_capacity: 16 },
+        batcher: BatcherConfig { max_batch_size: 8, max_delay: Duration::ZERO, queue_capacity: 16, ..BatcherConfig::default() },
         ..ServerConfig::default()
     };
     let srv = common::start_in_process(&bundle, runner.clone(), cfg).await;

@@ -394,7 +394,7 @@ async fn requests_are_admitted_by_images_before_decoding() {
     let runner = common::FakeRunner::new(&bundle, Duration::from_millis(600));
     let cfg = ServerConfig {
         // The delay lets the first request's four images make one batch.
-        batcher: BatcherConfig { max_batch_size: 4, max_delay: Duration::from_millis(100), queue_capacity: 8 },
+        batcher: BatcherConfig { max_batch_size: 4, max_delay: Duration::from_millis(100), queue_capacity: 8, ..BatcherConfig::default() },
         ..ServerConfig::default()
     };
     let srv = common::start_in_process(&bundle, runner, cfg).await;
@@ -422,7 +422,7 @@ async fn requests_are_admitted_by_images_before_decoding() {
 fn the_batcher_admits_all_of_a_requests_images_or_none() {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::from_millis(10));
-    let config = BatcherConfig { max_batch_size: 4, max_delay: Duration::ZERO, queue_capacity: 8 };
+    let config = BatcherConfig { max_batch_size: 4, max_delay: Duration::ZERO, queue_capacity: 8, ..BatcherConfig::default() };
     let metrics = std::sync::Arc::new(swav::metrics::Metrics::new());
     let batcher = swav::engine::batcher::Batcher::new(runner, 1, config, metrics.clone());
     assert_eq!(batcher.typical_request(), 1);
@@ -430,11 +430,185 @@ fn the_batcher_admits_all_of_a_requests_images_or_none() {
     assert_eq!(batcher.typical_request(), 2, "moving towards 6");
     assert!(batcher.admit(3).is_err(), "3 more do not fit");
     assert_eq!(metrics.overloaded.get(), 3, "counted by image");
-    assert!(batcher.check_room(3).is_err() && batcher.check_room(2).is_ok());
+    assert!(batcher.try_reserve(3).is_err() && batcher.try_reserve(2).is_ok());
     let two = batcher.admit(2).expect("2 more fit exactly");
     drop(six);
     assert!(batcher.admit(6).is_ok(), "room again once announced images are withdrawn");
     drop(two);
+}
+
+// ---------------------------------------------------------------- waiting for room
+
+/// A server whose queue holds one image, with one worker that takes `run` per image.
+async fn one_place_server(run: Duration, wait: Duration, max_waiting: usize) -> InProcess {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, run);
+    let batcher =
+        BatcherConfig { max_batch_size: 1, max_delay: Duration::ZERO, queue_capacity: 1, admission_wait: wait, max_waiting };
+    common::start_in_process(&bundle, runner, ServerConfig { batcher, ..ServerConfig::default() }).await
+}
+
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One image running and one queued: the next request finds no room.
+async fn fill_the_queue(srv: &InProcess) -> [tokio::task::JoinHandle<u16>; 2] {
+    let m = &srv.state.metrics;
+    let running = tokio::spawn(embed_one(srv.base.clone(), 1));
+    until("the first image runs", || m.queue_seconds.get_sample_count() == 1).await;
+    let queued = tokio::spawn(embed_one(srv.base.clone(), 2));
+    until("the second image is queued", || m.queue_depth.get() == 1).await;
+    [running, queued]
+}
+
+async fn post_png(base: &str, seed: u32) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/embed"))
+        .header("content-type", "image/png")
+        .body(common::gray_png(28, 28, seed))
+        .send()
+        .await
+        .expect("answered")
+}
+
+async fn embed_one(base: String, seed: u32) -> u16 {
+    post_png(&base, seed).await.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_the_queue_full_is_admitted_when_room_appears() {
+    let srv = one_place_server(Duration::from_millis(400), Duration::from_secs(10), 8).await;
+    let before = fill_the_queue(&srv).await;
+    let started = Instant::now();
+    let waiting = tokio::spawn(embed_one(srv.base.clone(), 3));
+    until("the third request waits", || srv.state.metrics.admission_waiting.get() == 1).await;
+    assert_eq!(srv.state.metrics.images_decoded.get(), 2, "a waiting request's image is not decoded");
+    assert_eq!(waiting.await.expect("join"), 200, "admitted once the first image ran");
+    assert!(started.elapsed() >= Duration::from_millis(300), "it had to wait: {:?}", started.elapsed());
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+    assert_eq!(srv.state.metrics.overloaded.get(), 0);
+    assert_eq!(srv.state.metrics.admission_waiting.get(), 0);
+}
+
+/// Sends a request head declaring a body, and none of the body: an answer then proves that the
+/// server did not wait to read it.
+fn head_only(base: &str, path: &str, content_type: &str) -> String {
+    let mut s = TcpStream::connect(addr(base)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_after_the_wait_gets_429_with_retry_after_and_its_body_unread() {
+    let wait = Duration::from_millis(300);
+    let srv = one_place_server(Duration::from_secs(2), wait, 8).await;
+    let before = fill_the_queue(&srv).await;
+    let base = srv.base.clone();
+    let started = Instant::now();
+    let resp = tokio::task::spawn_blocking(move || head_only(&base, "/v1/embed", "image/png")).await.expect("join");
+    let took = started.elapsed();
+    assert!(resp.starts_with("HTTP/1.1 429"), "{resp:?}");
+    let head = resp.split_once("\r\n\r\n").map_or("", |(h, _)| h).to_ascii_lowercase();
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
+    assert!(head.contains("\r\nconnection: close"), "the unread body ends the connection: {head}");
+    assert_eq!(json_tail(&resp)["error"]["code"], "overloaded");
+    assert!(took >= wait && took < Duration::from_secs(2), "refused after the wait, not at once: {took:?}");
+    assert_eq!(srv.state.metrics.admission_waiting.get(), 0);
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_bound_on_waiting_requests_refusal_is_immediate() {
+    let wait = Duration::from_secs(10);
+    let srv = one_place_server(Duration::from_secs(1), wait, 1).await;
+    let before = fill_the_queue(&srv).await;
+    let waiting = tokio::spawn(embed_one(srv.base.clone(), 3));
+    until("one request waits", || srv.state.metrics.admission_waiting.get() == 1).await;
+    let started = Instant::now();
+    let resp = post_png(&srv.base, 4).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_millis(1000), "the bound refuses at once: {:?}", started.elapsed());
+    assert_eq!(waiting.await.expect("join"), 200, "the one that waited is admitted");
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_do_not_block_other_routes_or_shutdown() {
+    let srv = one_place_server(Duration::from_secs(3), Duration::from_secs(30), 64).await;
+    let _before = fill_the_queue(&srv).await;
+    let waiting: Vec<_> = (0..16)
+        .map(|i| {
+            let base = srv.base.clone();
+            tokio::spawn(async move {
+                let resp = post_png(&base, 10 + i).await;
+                (resp.status().as_u16(), resp.json::<Value>().await.expect("json")["error"]["code"].clone())
+            })
+        })
+        .collect();
+    until("16 requests wait", || srv.state.metrics.admission_waiting.get() == 16).await;
+    let base = srv.base.clone();
+    let ms = tokio::task::spawn_blocking(move || (0..10).map(|_| health_ms(&base)).collect::<Vec<_>>()).await.expect("join");
+    assert!(p99(ms.clone()) < 500.0, "/health while requests wait: {ms:?}");
+    let (status, model) = call(reqwest::Client::new().get(format!("{}/v1/model", srv.base)), "/v1/model", "get").await;
+    assert_eq!(status, 200, "{model}");
+    // Shutdown (what `swav serve` does on SIGTERM) ends the waits at once, not after 30 s.
+    let started = Instant::now();
+    drop(srv);
+    for w in waiting {
+        let (status, code) = w.await.expect("join");
+        assert_eq!((status, code.as_str()), (503, Some("shutting_down")));
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "waits ended in {:?}", started.elapsed());
+}
+
+/// The batcher's side: first come first served, and the waits end at `stop_waiting`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_room_is_first_come_first_served_and_ends_at_stop() {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::ZERO);
+    let config = BatcherConfig { queue_capacity: 4, admission_wait: Duration::from_secs(30), ..BatcherConfig::default() };
+    let metrics = std::sync::Arc::new(swav::metrics::Metrics::new());
+    let batcher = std::sync::Arc::new(swav::engine::batcher::Batcher::new(runner, 1, config, metrics.clone()));
+    let all = batcher.try_reserve(4).expect("room for 4");
+    let first = tokio::spawn({
+        let b = batcher.clone();
+        async move { b.reserve(3).await.map(|room| room.images()) }
+    });
+    until("one waits", || metrics.admission_waiting.get() == 1).await;
+    drop(all);
+    assert_eq!(first.await.expect("join"), Ok(3));
+    // Room for 3 given back: a later request does not overtake one that waits for it.
+    let held = batcher.try_reserve(2).expect("room for 2 of 4");
+    let second = tokio::spawn({
+        let b = batcher.clone();
+        async move { b.reserve(3).await.map(|room| room.images()) }
+    });
+    until("the second waits", || metrics.admission_waiting.get() == 1).await;
+    assert!(batcher.try_reserve(2).is_err(), "2 places are free, but a request waits for 3 first");
+    let started = Instant::now();
+    batcher.stop_waiting();
+    let refused = second.await.expect("join");
+    assert_eq!(refused, Err(swav::engine::batcher::BatchError::ShuttingDown));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(batcher.reserve(3).await.is_err(), "after stop_waiting nothing waits");
+    drop(held);
+    assert!(batcher.reserve(3).await.is_ok(), "room that is free is still taken");
 }
 
 // ---------------------------------------------------------------- connections

@@ -35,7 +35,10 @@ async fn overload_is_refused_cleanly_with_bounded_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = common::gray_bundle().dir.display().to_string();
     let index = dir.path().display().to_string();
-    let server = common::Spawned::start(&["--model", &model, "--index", &index, "--queue-capacity", "32", "--max-delay-us", "2000"]);
+    // Few may wait for room, so that both waiting and refusing are exercised.
+    let server = common::Spawned::start(&[
+        "--model", &model, "--index", &index, "--queue-capacity", "32", "--max-delay-us", "2000", "--max-waiting-requests", "8",
+    ]);
     let base = server.base.clone();
     tokio::task::block_in_place(|| server.wait_ready());
     let pid = server.child.id();

@@ -37,6 +37,15 @@ pub struct ServeArgs {
     /// Images that may wait for inference; beyond it requests get 429 with Retry-After.
     #[arg(long, env = "SWAV_QUEUE_CAPACITY", default_value_t = BatcherConfig::default().queue_capacity)]
     pub queue_capacity: usize,
+    /// Milliseconds a request that finds the queue full may wait for room, its body unread,
+    /// before it gets 429; it is admitted as soon as room appears, first come first served.
+    /// 0 refuses at once.
+    #[arg(long, env = "SWAV_ADMISSION_WAIT_MS", default_value_t = BatcherConfig::default().admission_wait.as_millis() as u64)]
+    pub admission_wait_ms: u64,
+    /// Requests that may wait for room in the queue at once (--admission-wait-ms); past it
+    /// requests that find the queue full get 429 at once.
+    #[arg(long, env = "SWAV_MAX_WAITING_REQUESTS", default_value_t = BatcherConfig::default().max_waiting)]
+    pub max_waiting_requests: usize,
     /// Most images in one request (413 beyond).
     #[arg(long, env = "SWAV_MAX_IMAGES_PER_REQUEST", default_value_t = RequestLimits::default().max_images)]
     pub max_images_per_request: usize,
@@ -134,6 +143,8 @@ impl ServeArgs {
             max_batch_size: self.max_batch_size.max(1),
             max_delay: Duration::from_micros(self.max_delay_us),
             queue_capacity: self.queue_capacity.max(1),
+            admission_wait: Duration::from_millis(self.admission_wait_ms),
+            max_waiting: self.max_waiting_requests,
         }
     }
 }
@@ -210,6 +221,8 @@ fn log_configuration(args: &ServeArgs, conn: ConnLimits, model_dir: &std::path::
         max_batch_size = batcher.max_batch_size,
         max_delay_us = batcher.max_delay.as_micros() as u64,
         queue_capacity = batcher.queue_capacity,
+        admission_wait_ms = batcher.admission_wait.as_millis() as u64,
+        max_waiting_requests = batcher.max_waiting,
         max_images_per_request = state.limits.max_images,
         max_body_bytes = state.limits.max_body_bytes,
         max_metadata_bytes = state.limits.max_metadata_bytes,
@@ -255,12 +268,15 @@ async fn serve(args: ServeArgs, state: AppState, engine: Arc<Engine>) -> anyhow:
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    let batcher = Arc::clone(&state.batcher);
     let app = http::router(state);
     let mut graceful_rx = stop_rx.clone();
     let limits = args.conn_limits()?;
     let server = tokio::spawn(http::server::serve(listener, app, limits, async move {
         let _ = graceful_rx.wait_for(|stop| *stop).await;
         tracing::info!("shutting down: finishing in-flight requests");
+        // Requests waiting for room are refused rather than waited for.
+        batcher.stop_waiting();
     }));
 
     match warm_up.await {

@@ -9,6 +9,12 @@
 //! A batch waits for company only while more images are on their way: callers announce an image
 //! before decoding it ([`Batcher::announce`]). A lone request therefore never pays `max_delay`
 //! (a fixed wait made a lone client slower: BENCHMARKS.md, "What was tried and dropped").
+//!
+//! Room in the queue is a FIFO semaphore with one permit per image: an admitted image holds one
+//! from admission until a worker takes it off the queue. A request that finds no room may wait
+//! for it ([`Batcher::reserve`]), its body unread, up to `admission_wait`: clients that retry a
+//! refusal at once are paced by the queue instead of burning the CPU on refusals, and being
+//! first come first served, a waiting request is not overtaken by later ones.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot, watch};
 
 use super::{Engine, EngineError, ImageOutput, ModelOutputs};
 use crate::metrics::Metrics;
@@ -28,6 +34,11 @@ pub struct BatcherConfig {
     pub max_delay: Duration,
     /// Images that may wait; one more is refused with [`BatchError::Overloaded`].
     pub queue_capacity: usize,
+    /// How long a request that finds no room may wait for it before it is refused; zero refuses
+    /// at once.
+    pub admission_wait: Duration,
+    /// Requests that may wait for room at once; past it they are refused at once.
+    pub max_waiting: usize,
 }
 
 impl Default for BatcherConfig {
@@ -38,6 +49,11 @@ impl Default for BatcherConfig {
             max_batch_size: 64,
             max_delay: Duration::from_micros(500),
             queue_capacity: 1024,
+            // As long as a refused client is asked to wait (Retry-After), so waiting costs a
+            // client no more than a refusal that it honours.
+            admission_wait: Duration::from_secs(1),
+            // A quarter of the default connection limit: waiting requests never hold them all.
+            max_waiting: 256,
         }
     }
 }
@@ -74,6 +90,8 @@ struct Job {
     tensor: Vec<f32>,
     reply: oneshot::Sender<Result<ImageOutput, BatchError>>,
     enqueued: Instant,
+    /// Holds a permit of the queue's room, given back when a worker takes the job.
+    holds_room: bool,
 }
 
 pub struct Batcher {
@@ -82,6 +100,12 @@ pub struct Batcher {
     incoming: Arc<AtomicUsize>,
     /// 16 × the moving average of images per admitted request (see [`Batcher::typical_request`]).
     typical_x16: AtomicU64,
+    /// One permit per image the queue can still take (see the module's documentation).
+    room: Arc<Semaphore>,
+    /// Requests waiting in [`Batcher::reserve`].
+    waiting: AtomicUsize,
+    /// Set by [`Batcher::stop_waiting`].
+    stopping: watch::Sender<bool>,
     config: BatcherConfig,
     tensor_len: usize,
     workers: usize,
@@ -93,9 +117,11 @@ impl Batcher {
     pub fn new(runner: Arc<dyn BatchRunner>, workers: usize, config: BatcherConfig, metrics: Arc<Metrics>) -> Batcher {
         let config = BatcherConfig {
             max_batch_size: config.max_batch_size.max(1),
-            queue_capacity: config.queue_capacity.max(1),
+            // Permits are counted in u32.
+            queue_capacity: config.queue_capacity.clamp(1, u32::MAX as usize),
             ..config
         };
+        let room = Arc::new(Semaphore::new(config.queue_capacity));
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity);
         let gather_lock = Arc::new(Mutex::new(()));
         let incoming = Arc::new(AtomicUsize::new(0));
@@ -105,6 +131,7 @@ impl Batcher {
                 rx: rx.clone(),
                 gather_lock: Arc::clone(&gather_lock),
                 incoming: Arc::clone(&incoming),
+                room: Arc::clone(&room),
                 runner: Arc::clone(&runner),
                 config,
                 metrics: Arc::clone(&metrics),
@@ -118,6 +145,9 @@ impl Batcher {
             tx,
             incoming,
             typical_x16: AtomicU64::new(16),
+            room,
+            waiting: AtomicUsize::new(0),
+            stopping: watch::Sender::new(false),
             config,
             tensor_len: runner.tensor_len(),
             workers,
@@ -137,49 +167,93 @@ impl Batcher {
     /// waits for it. The announcement ends when the returned guard is dropped or submitted.
     pub fn announce(&self) -> Announced<'_> {
         self.incoming.fetch_add(1, Ordering::AcqRel);
-        Announced { batcher: self }
+        Announced { batcher: self, holds_room: false }
     }
 
     /// Announces all `n` images of a request, or none: refuses when the queue cannot take them
-    /// all, counting those already queued and those announced by other requests. Called before
-    /// decoding, so a request that would be refused costs no decoding, and one that is admitted
-    /// finds room for every image (the overload goes to whole requests, not to parts of them).
+    /// all, counting those already queued and those announced or reserved by other requests.
+    /// Called before decoding, so a request that would be refused costs no decoding, and one that
+    /// is admitted finds room for every image (the overload goes to whole requests, not to parts
+    /// of them).
     pub fn admit(&self, n: usize) -> Result<Vec<Announced<'_>>, BatchError> {
-        let capacity = self.config.queue_capacity;
-        // Weight 1/8 for the newest; concurrent updates may lose one, which a guess can afford.
-        let typical = self.typical_x16.load(Ordering::Relaxed);
-        self.typical_x16.store((typical * 7 + (n.min(capacity) as u64) * 16) / 8, Ordering::Relaxed);
-        let mut announced = self.incoming.load(Ordering::Acquire);
-        loop {
-            if self.tx.len().saturating_add(announced).saturating_add(n) > capacity {
-                self.metrics.overloaded.inc_by(n as u64);
-                return Err(BatchError::Overloaded { capacity });
-            }
-            match self.incoming.compare_exchange_weak(announced, announced + n, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => announced = now,
-            }
-        }
-        Ok((0..n).map(|_| Announced { batcher: self }).collect())
+        Room { batcher: self, images: 0 }.admit(n)
     }
 
-    /// Images in a recent request: a moving average over [`Batcher::admit`] calls, for callers
-    /// that must guess a request's size before reading it. At least 1.
+    /// Images in a recent request: a moving average over admissions, for callers that must
+    /// guess a request's size before reading it. At least 1.
     pub fn typical_request(&self) -> usize {
         (self.typical_x16.load(Ordering::Relaxed) as usize).div_ceil(16).max(1)
     }
 
-    /// Refuses at once unless the queue has room for `n` more images now (capped at its whole
-    /// capacity). For callers that do not yet know how many images a request holds: checked
-    /// before its body is read, it makes a refusal under overload cost almost nothing.
-    pub fn check_room(&self, n: usize) -> Result<(), BatchError> {
-        let capacity = self.config.queue_capacity;
-        let taken = self.tx.len().saturating_add(self.incoming.load(Ordering::Acquire));
-        if taken.saturating_add(n.min(capacity)) > capacity {
-            self.metrics.overloaded.inc();
-            return Err(BatchError::Overloaded { capacity });
+    fn note_request(&self, n: usize) {
+        // Weight 1/8 for the newest; concurrent updates may lose one, which a guess can afford.
+        let typical = self.typical_x16.load(Ordering::Relaxed);
+        let n = n.min(self.config.queue_capacity) as u64;
+        self.typical_x16.store((typical * 7 + n * 16) / 8, Ordering::Relaxed);
+    }
+
+    /// Room for `n` images now (capped at the queue's capacity), or a refusal. For callers that
+    /// do not yet know how many images a request holds: taken before its body is read, it makes
+    /// a refusal under overload cost almost nothing.
+    pub fn try_reserve(&self, n: usize) -> Result<Room<'_>, BatchError> {
+        self.take(n.min(self.config.queue_capacity)).ok_or_else(|| self.refused(1))
+    }
+
+    /// Like [`Batcher::try_reserve`], but without room now it waits for room, first come first
+    /// served, up to `admission_wait`. Refuses at once when `max_waiting` requests wait
+    /// already, and ends the wait with [`BatchError::ShuttingDown`] at [`Batcher::stop_waiting`].
+    pub async fn reserve(&self, n: usize) -> Result<Room<'_>, BatchError> {
+        let n = n.min(self.config.queue_capacity);
+        if let Some(room) = self.take(n) {
+            return Ok(room);
         }
-        Ok(())
+        let mut stop = self.stopping.subscribe();
+        if self.config.admission_wait.is_zero() || *stop.borrow() {
+            return Err(self.refused(1));
+        }
+        let Some(_waiting) = self.enlist() else {
+            return Err(self.refused(1));
+        };
+        tokio::select! {
+            // Dropping an unfinished acquire gives back what it had been assigned.
+            taken = self.room.acquire_many(n as u32) => match taken {
+                Ok(permits) => {
+                    permits.forget();
+                    Ok(Room { batcher: self, images: n })
+                }
+                Err(_) => Err(BatchError::ShuttingDown),
+            },
+            () = tokio::time::sleep(self.config.admission_wait) => Err(self.refused(1)),
+            _ = stop.wait_for(|stopping| *stopping) => Err(BatchError::ShuttingDown),
+        }
+    }
+
+    /// Ends every wait in [`Batcher::reserve`], and the waits to come, with
+    /// [`BatchError::ShuttingDown`]: at shutdown, requests that wait for room would otherwise
+    /// hold it up. Requests that find room are still admitted.
+    pub fn stop_waiting(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    fn take(&self, n: usize) -> Option<Room<'_>> {
+        let permits = self.room.try_acquire_many(u32::try_from(n).ok()?).ok()?;
+        permits.forget();
+        Some(Room { batcher: self, images: n })
+    }
+
+    fn enlist(&self) -> Option<Waiting<'_>> {
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let waiting = Waiting(self);
+        self.metrics.admission_waiting.inc();
+        // Over the bound, `waiting` is dropped here and undoes its count.
+        (before < self.config.max_waiting).then_some(waiting)
+    }
+
+    fn refused(&self, images: usize) -> BatchError {
+        self.metrics.overloaded.inc_by(images as u64);
+        BatchError::Overloaded {
+            capacity: self.config.queue_capacity,
+        }
     }
 
     /// Queues one image tensor and waits for its outputs. Refuses at once when the queue is full.
@@ -201,8 +275,14 @@ impl Batcher {
             tensor,
             reply,
             enqueued: Instant::now(),
+            holds_room: announced.holds_room,
         };
         let sent = self.tx.try_send(job);
+        let mut announced = announced;
+        if sent.is_ok() {
+            // The job in the queue holds the image's room now.
+            announced.holds_room = false;
+        }
         // Only after the job is in the queue, so a gathering worker never sees neither.
         drop(announced);
         match sent {
@@ -219,9 +299,60 @@ impl Batcher {
     }
 }
 
+/// Room in the queue for some images, reserved before a request's body is read; given back
+/// when dropped unless [`Room::admit`] turns it into announced images.
+pub struct Room<'a> {
+    batcher: &'a Batcher,
+    images: usize,
+}
+
+impl<'a> Room<'a> {
+    /// [`Batcher::admit`] for a request whose images are now counted, using this room first:
+    /// what it holds beyond `n` is given back, and what `n` needs beyond it must be free now.
+    pub fn admit(mut self, n: usize) -> Result<Vec<Announced<'a>>, BatchError> {
+        let batcher = self.batcher;
+        batcher.note_request(n);
+        if n > self.images {
+            let Some(mut more) = batcher.take(n - self.images) else {
+                return Err(batcher.refused(n));
+            };
+            self.images += std::mem::take(&mut more.images);
+        }
+        // The images' room moves to their announcements; the rest goes back on drop.
+        self.images -= n;
+        batcher.incoming.fetch_add(n, Ordering::AcqRel);
+        Ok((0..n).map(|_| Announced { batcher, holds_room: true }).collect())
+    }
+
+    /// Images this room holds.
+    pub fn images(&self) -> usize {
+        self.images
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if self.images > 0 {
+            self.batcher.room.add_permits(self.images);
+        }
+    }
+}
+
+/// A request counted in [`Batcher::reserve`]'s waiters while it lives.
+struct Waiting<'a>(&'a Batcher);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.admission_waiting.dec();
+    }
+}
+
 /// An image on its way to the batcher; see [`Batcher::announce`].
 pub struct Announced<'a> {
     batcher: &'a Batcher,
+    /// Holds a permit of the queue's room (admitted, not merely announced).
+    holds_room: bool,
 }
 
 impl Announced<'_> {
@@ -235,6 +366,9 @@ impl Announced<'_> {
 impl Drop for Announced<'_> {
     fn drop(&mut self) {
         self.batcher.incoming.fetch_sub(1, Ordering::AcqRel);
+        if self.holds_room {
+            self.batcher.room.add_permits(1);
+        }
     }
 }
 
@@ -242,6 +376,7 @@ struct Worker {
     rx: Receiver<Job>,
     gather_lock: Arc<Mutex<()>>,
     incoming: Arc<AtomicUsize>,
+    room: Arc<Semaphore>,
     runner: Arc<dyn BatchRunner>,
     config: BatcherConfig,
     metrics: Arc<Metrics>,
@@ -262,7 +397,9 @@ impl Worker {
         let first = self.rx.recv().ok()?;
         let deadline = Instant::now() + self.config.max_delay;
         let mut jobs = Vec::with_capacity(self.config.max_batch_size);
-        self.accept(&mut jobs, first);
+        // Room taken off the queue, given back once per batch rather than per image.
+        let mut freed = 0;
+        self.accept(&mut jobs, &mut freed, first);
         let mut received = 1;
         while received < self.config.max_batch_size {
             let next = match self.rx.try_recv() {
@@ -279,13 +416,15 @@ impl Worker {
             };
             let Some(job) = next else { break };
             received += 1;
-            self.accept(&mut jobs, job);
+            self.accept(&mut jobs, &mut freed, job);
         }
+        self.room.add_permits(freed);
         Some(jobs)
     }
 
-    fn accept(&self, jobs: &mut Vec<Job>, job: Job) {
+    fn accept(&self, jobs: &mut Vec<Job>, freed: &mut usize, job: Job) {
         self.metrics.queue_depth.dec();
+        *freed += usize::from(job.holds_room);
         if job.reply.is_closed() {
             self.metrics.cancelled.inc();
             return;

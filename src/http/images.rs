@@ -1,5 +1,6 @@
 //! `/v1/embed` and `/v1/assign`: read images, preprocess them (large ones on the decode pool), batch them.
 
+use std::future::Future;
 use std::time::Instant;
 
 use axum::Json;
@@ -14,6 +15,7 @@ use super::error::{ApiError, ErrorCode};
 use super::input::{query, read_images};
 use super::responses::{self, AssignOptions, AssignResponse, EmbedResponse, OutputKind};
 use crate::engine::ImageOutput;
+use crate::engine::batcher::Room;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,36 +61,69 @@ pub async fn assign(
 
 /// Every image of the request through preprocess and the batcher, outputs in input order.
 pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOutput>, ApiError> {
-    room_for_a_request(state)?;
-    let images = read_images(req, state.limits.max_images).await?;
-    infer_images(state, images).await
+    let (images, room) = read_with_room(state, read_images(req, state.limits.max_images)).await?;
+    infer_images(state, room, images).await
 }
 
-/// Refuses before the body is read unless the queue could take a request of the size recent
-/// requests had. Under overload, clients that retry at once would otherwise have their bodies
-/// read and parsed only to be refused by [`infer_images`], which cost most of the goodput under
-/// overload (BENCHMARKS.md, "Overload"). Near a full queue this
-/// refuses some requests smaller than the recent ones that would have fitted.
-pub fn room_for_a_request(state: &AppState) -> Result<(), ApiError> {
+/// Runs `read` (the reading of a request's body) once the queue has room for a request of the
+/// size recent requests had, waiting for it up to the batcher's admission wait; refuses before
+/// the body is read when there is none. Under overload, clients that retry at once would
+/// otherwise have their bodies read and parsed only to be refused by [`infer_images`], and
+/// refusing them at once lets them burn the CPU on retries (BENCHMARKS.md, "Overload").
+///
+/// The room is kept for the request while its body arrives, for at most the admission wait too,
+/// so that a client sending its body slowly cannot hold the queue's room; a request that
+/// arrives later is admitted by whatever room is free then.
+pub async fn read_with_room<'s, T>(
+    state: &'s AppState,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<(T, Option<Room<'s>>), ApiError> {
     let typical = state.batcher.typical_request().min(state.limits.max_images);
-    state.batcher.check_room(typical).map_err(|e| ApiError::from(e).before_body())
+    let room = state.batcher.reserve(typical).await.map_err(|e| ApiError::from(e).before_body())?;
+    let hold = state.batcher.config().admission_wait;
+    if hold.is_zero() {
+        // Without waiting, a check that there is room: the body is read without holding it.
+        drop(room);
+        return Ok((read.await?, None));
+    }
+    tokio::pin!(read);
+    tokio::select! {
+        read = &mut read => Ok((read?, Some(room))),
+        () = tokio::time::sleep(hold) => {
+            drop(room);
+            Ok((read.await?, None))
+        }
+    }
 }
 
 /// Preprocesses and infers already-read images; the first failure fails the whole request and
-/// withdraws its other images from the queue.
-pub async fn infer_images(state: &AppState, images: Vec<Bytes>) -> Result<Vec<ImageOutput>, ApiError> {
-    Ok(infer(state, images, false).await?.into_iter().map(|(out, _)| out).collect())
+/// withdraws its other images from the queue. `room`, reserved before the body was read, is
+/// used first.
+pub async fn infer_images(state: &AppState, room: Option<Room<'_>>, images: Vec<Bytes>) -> Result<Vec<ImageOutput>, ApiError> {
+    Ok(infer(state, room, images, false).await?.into_iter().map(|(out, _)| out).collect())
 }
 
 /// Like [`infer_images`], with a thumbnail of each preprocessed image where the server keeps them.
-pub async fn infer_images_with_thumbnails(state: &AppState, images: Vec<Bytes>) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
-    infer(state, images, state.thumbnails).await
+pub async fn infer_images_with_thumbnails(
+    state: &AppState,
+    room: Option<Room<'_>>,
+    images: Vec<Bytes>,
+) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
+    infer(state, room, images, state.thumbnails).await
 }
 
-async fn infer(state: &AppState, images: Vec<Bytes>, thumbnails: bool) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
+async fn infer(
+    state: &AppState,
+    room: Option<Room<'_>>,
+    images: Vec<Bytes>,
+    thumbnails: bool,
+) -> Result<Vec<(ImageOutput, Option<Vec<u8>>)>, ApiError> {
     // Admitted before decoding, so an overload costs no decoding; announced, so that a batch
     // being gathered waits for these images.
-    let announced = state.batcher.admit(images.len())?;
+    let announced = match room {
+        Some(room) => room.admit(images.len())?,
+        None => state.batcher.admit(images.len())?,
+    };
     try_join_all(images.into_iter().zip(announced).enumerate().map(|(i, (bytes, announced))| async move {
         let (tensor, thumbnail) = prepare(state, i, bytes, thumbnails).await?;
         let out = announced.submit(tensor).await.map_err(ApiError::from)?;

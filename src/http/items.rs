@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use super::images::{infer_images, infer_images_with_thumbnails, room_for_a_request};
+use super::images::{infer_images, infer_images_with_thumbnails, read_with_room};
 use super::input::{self, SearchBody, path, query};
 use crate::bundle::ClusterSource;
 use crate::engine::ImageOutput;
@@ -90,8 +90,7 @@ pub struct AddResponse {
 
 pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Json<AddResponse>, ApiError> {
     let h = handle(&state)?.clone();
-    room_for_a_request(&state)?;
-    let uploads = input::read_uploads(req, &state.limits).await?;
+    let (uploads, room) = read_with_room(&state, input::read_uploads(req, &state.limits)).await?;
     if uploads.is_empty() {
         return Err(ApiError::invalid_request("no items given"));
     }
@@ -100,7 +99,7 @@ pub async fn add_items(State(state): State<AppState>, req: Request) -> Result<Js
     }
     let (meta, images): (Vec<(String, Option<Metadata>)>, Vec<Bytes>) =
         uploads.into_iter().map(|u| ((u.id, u.metadata), u.image)).unzip();
-    let outputs = infer_images_with_thumbnails(&state, images).await?;
+    let outputs = infer_images_with_thumbnails(&state, room, images).await?;
     let ids: Vec<String> = meta.iter().map(|(id, _)| id.clone()).collect();
     let items = meta
         .into_iter()
@@ -260,19 +259,21 @@ pub async fn search(
 
 /// The search's queries: a vector, an id, or the embeddings of the body's images.
 async fn read_queries(state: &AppState, h: &IndexHandle, req: Request) -> Result<Queries, ApiError> {
-    if input::content_type(&req) != "application/json" {
+    let dim = h.index.identity().dim;
+    let (body, room) = if input::content_type(&req) != "application/json" {
         // Images are coming: admission before their body is read, as on /v1/embed.
-        room_for_a_request(state)?;
-    }
-    Ok(match input::read_search(req, state.limits.max_images, h.index.identity().dim).await? {
+        read_with_room(state, input::read_search(req, state.limits.max_images, dim)).await?
+    } else {
+        (input::read_search(req, state.limits.max_images, dim).await?, None)
+    };
+    Ok(match body {
         SearchBody::Vector(v) => Queries::Vectors(vec![v]),
         SearchBody::Id(id) => Queries::Id(id),
-        SearchBody::Images(images) => Queries::Vectors(embed(state, images).await?),
+        SearchBody::Images(images) => {
+            let outputs = infer_images(state, room, images).await?;
+            Queries::Vectors(outputs.into_iter().map(|o| o.embedding).collect())
+        }
     })
-}
-
-async fn embed(state: &AppState, images: Vec<Bytes>) -> Result<Vec<Vec<f32>>, ApiError> {
-    Ok(infer_images(state, images).await?.into_iter().map(|o| o.embedding).collect())
 }
 
 // ------------------------------------------------------------------ clusters and maintenance

@@ -202,9 +202,12 @@ pub async fn start_in_process(bundle: &Bundle, runner: Arc<dyn BatchRunner>, cfg
     let addr = listener.local_addr().expect("addr");
     let app = swav::http::router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let batcher = state.batcher.clone();
     tokio::spawn(async move {
         let _ = swav::http::server::serve(listener, app, cfg.conn, async move {
             let _ = rx.await;
+            // As `swav serve` does at shutdown.
+            batcher.stop_waiting();
         })
         .await;
     });
