@@ -307,8 +307,12 @@ def test_cuda_image_with_device_cuda_and_no_gpu_fails_at_start_with_a_clear_mess
     assert "execution provider cuda:0 is not available" in output and "listening" not in output, output
 
 
-def prometheus_query(port: int, query: str) -> list:
+def prometheus_query(port: int, query: str) -> list | None:
+    """The query's result, or None while Prometheus is still starting: it answers 503 until its
+    storage is open, which on a loaded machine can be after swav already answers."""
     status, body = http("GET", f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    if status == 503:
+        return None
     assert status == 200, body
     answer = json.loads(body)
     assert answer["status"] == "success", answer
@@ -340,7 +344,7 @@ def test_compose_up_prometheus_scrapes_the_server(docker, swav_bin, png_dir, tmp
         deadline, series = time.monotonic() + 90, []
         while time.monotonic() < deadline:
             try:
-                series = prometheus_query(prometheus_port, 'swav_http_requests_total{route="/v1/embed"}')
+                series = prometheus_query(prometheus_port, 'swav_http_requests_total{route="/v1/embed"}') or []
             except (urllib.error.URLError, ConnectionError):
                 series = []
             if series and any(float(s["value"][1]) >= 1 for s in series):
