@@ -528,6 +528,8 @@ async fn a_request_refused_after_the_wait_gets_429_with_retry_after_and_its_body
     for b in before {
         assert_eq!(b.await.expect("join"), 200);
     }
+    let state = &srv.state;
+    until("no share of the byte budget is kept", || state.inflight_bytes.available_permits() == state.limits.max_inflight_bytes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,6 +570,7 @@ async fn waiting_requests_do_not_block_other_routes_or_shutdown() {
     let (status, model) = call(reqwest::Client::new().get(format!("{}/v1/model", srv.base)), "/v1/model", "get").await;
     assert_eq!(status, 200, "{model}");
     // Shutdown (what `swav serve` does on SIGTERM) ends the waits at once, not after 30 s.
+    let state = srv.state.clone();
     let started = Instant::now();
     drop(srv);
     for w in waiting {
@@ -575,6 +578,7 @@ async fn waiting_requests_do_not_block_other_routes_or_shutdown() {
         assert_eq!((status, code.as_str()), (503, Some("shutting_down")));
     }
     assert!(started.elapsed() < Duration::from_secs(2), "waits ended in {:?}", started.elapsed());
+    until("no share of the byte budget is kept", || state.inflight_bytes.available_permits() == state.limits.max_inflight_bytes).await;
 }
 
 /// The batcher's side: first come first served, and the waits end at `stop_waiting`.
@@ -609,6 +613,136 @@ async fn waiting_for_room_is_first_come_first_served_and_ends_at_stop() {
     assert!(batcher.reserve(3).await.is_err(), "after stop_waiting nothing waits");
     drop(held);
     assert!(batcher.reserve(3).await.is_ok(), "room that is free is still taken");
+}
+
+// ---------------------------------------------------------------- the byte budget and waiting
+
+/// Opens a connection and sends a request head whose body is sent later, or never: with
+/// `length` its `Content-Length`, without it `Transfer-Encoding: chunked`.
+fn send_head(base: &str, path: &str, content_type: &str, length: Option<usize>) -> TcpStream {
+    let mut s = TcpStream::connect(addr(base)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let framing = length.map_or_else(|| "Transfer-Encoding: chunked".to_string(), |n| format!("Content-Length: {n}"));
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nConnection: close\r\n{framing}\r\n\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+    s
+}
+
+/// Reads a response to its end (the server closes the connection) on a blocking thread.
+async fn response_of(mut s: TcpStream) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("join")
+}
+
+/// The body limit of [`budget_server`].
+const LIMIT: usize = 1 << 20;
+
+/// A server with an index (so `/v1/search` by vector reads a body without needing room in the
+/// queue), the body limit `LIMIT`, the byte budget `budget`, and a queue of one place whose
+/// worker takes 2 s per image; requests wait up to 30 s for room.
+async fn budget_server(dir: &std::path::Path, budget: usize) -> InProcess {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::from_secs(2));
+    let batcher = BatcherConfig {
+        max_batch_size: 1,
+        max_delay: Duration::ZERO,
+        queue_capacity: 1,
+        admission_wait: Duration::from_secs(30),
+        max_waiting: 8,
+    };
+    let limits = RequestLimits { max_body_bytes: LIMIT, max_inflight_bytes: budget, ..RequestLimits::default() };
+    let index = common::open_index(dir, &bundle);
+    common::start_in_process(&bundle, runner, ServerConfig { batcher, limits, index: Some(index), ..ServerConfig::default() }).await
+}
+
+/// A `/v1/search` body by vector, padded with spaces to `len` bytes.
+fn search_body(dim: usize, len: usize) -> String {
+    let mut body = json!({"vector": vec![0.5f32; dim]}).to_string();
+    assert!(body.len() <= len);
+    body.extend(std::iter::repeat_n(' ', len - body.len()));
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_room_hold_no_share_of_the_byte_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Room for the two waiting chunked requests' shares (the whole body limit each), but not
+    // for those and the search below as well.
+    let budget = 2 * LIMIT + 64 * 1024;
+    let srv = budget_server(dir.path(), budget).await;
+    let before = fill_the_queue(&srv).await;
+    let waiting: Vec<TcpStream> = (0..2).map(|_| send_head(&srv.base, "/v1/embed", "image/png", None)).collect();
+    until("two chunked requests wait", || srv.state.metrics.admission_waiting.get() == 2).await;
+    // A search by vector reads its body at once, without room in the queue.
+    let dim = common::gray_bundle().manifest.outputs.embedding.dim;
+    let client = reqwest::Client::new();
+    let search = client
+        .post(format!("{}/v1/search?k=1", srv.base))
+        .header("content-type", "application/json")
+        .body(search_body(dim, 100_000));
+    let resp = search.send().await.expect("answered");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(status, 200, "a request on another route is not refused for the waiting ones' shares: {body}");
+    common::check_response(&common::openapi(), "/v1/search", "post", 200, &body);
+    // The waiting requests are admitted in turn once room appears, and then read their bodies.
+    let png = common::gray_png(28, 28, 7);
+    let answers: Vec<_> = waiting
+        .into_iter()
+        .map(|mut s| {
+            let mut chunk = format!("{:x}\r\n", png.len()).into_bytes();
+            chunk.extend_from_slice(&png);
+            chunk.extend_from_slice(b"\r\n0\r\n\r\n");
+            s.write_all(&chunk).expect("write body");
+            tokio::spawn(response_of(s))
+        })
+        .collect();
+    for a in answers {
+        let resp = a.await.expect("join");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    }
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+    let state = srv.state.clone();
+    until("every share is given back", || state.inflight_bytes.available_permits() == budget).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_still_holds_for_a_request_admitted_after_waiting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = LIMIT + 64 * 1024;
+    let srv = budget_server(dir.path(), budget).await;
+    let state = srv.state.clone();
+    // A search whose 600 KB body never comes holds 600 KB of the budget while it reads.
+    let held = send_head(&srv.base, "/v1/search", "application/json", Some(600_000));
+    until("the search holds its share", || state.inflight_bytes.available_permits() == budget - 600_000).await;
+    let before = fill_the_queue(&srv).await;
+    // Another 600 KB request waits for room; once it has room, its share does not fit.
+    let waiter = tokio::spawn(response_of(send_head(&srv.base, "/v1/embed", "image/png", Some(600_000))));
+    until("the embed waits for room", || state.metrics.admission_waiting.get() == 1).await;
+    let resp = waiter.await.expect("join");
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp:?}");
+    let head = resp.split_once("\r\n\r\n").map_or("", |(h, _)| h).to_ascii_lowercase();
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
+    assert!(head.contains("\r\nconnection: close"), "refused with its body unread: {head}");
+    let body = json_tail(&resp);
+    common::check_response(&common::openapi(), "/v1/embed", "post", 503, &body);
+    assert_eq!(body["error"]["code"], "server_busy");
+    assert_eq!(state.metrics.admission_waiting.get(), 0);
+    // The room it was given goes back: the queued image and a new request are served.
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+    assert_eq!(embed_one(srv.base.clone(), 9).await, 200);
+    // The search's client goes away mid-body: its share comes back.
+    drop(held);
+    until("every share is given back", || state.inflight_bytes.available_permits() == budget).await;
 }
 
 // ---------------------------------------------------------------- connections

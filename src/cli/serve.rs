@@ -56,8 +56,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SWAV_MAX_METADATA_BYTES", default_value_t = RequestLimits::default().max_metadata_bytes)]
     pub max_metadata_bytes: usize,
     /// Request body bytes the server holds at once, over all requests: each request reserves
-    /// its Content-Length (or --max-body-bytes when it sends none) until it is answered. Past
-    /// it requests get 503 with Retry-After. At least --max-body-bytes.
+    /// its Content-Length (or --max-body-bytes when it sends none) from when its body starts to
+    /// be read (not while it waits for room in the queue) until it is answered. Past it requests
+    /// get 503 with Retry-After. At least --max-body-bytes.
     #[arg(long, env = "SWAV_MAX_INFLIGHT_BYTES", default_value_t = RequestLimits::default().max_inflight_bytes)]
     pub max_inflight_bytes: usize,
     /// Images decoded concurrently on the decode pool. Default: the number of cores. Images of at

@@ -74,6 +74,9 @@ pub async fn infer_request(state: &AppState, req: Request) -> Result<Vec<ImageOu
 /// The room is kept for the request while its body arrives, for at most the admission wait too,
 /// so that a client sending its body slowly cannot hold the queue's room; a request that
 /// arrives later is admitted by whatever room is free then.
+///
+/// `read` is not polled before the wait is over, and the request's share of the byte budget is
+/// taken at the first read of its body ([`super::limits`]), so a waiting request holds none.
 pub async fn read_with_room<'s, T>(
     state: &'s AppState,
     read: impl Future<Output = Result<T, ApiError>>,
