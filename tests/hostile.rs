@@ -864,14 +864,68 @@ fn sigterm_with_idle_connections_exits_within_two_seconds() {
     }
     let started = Instant::now();
     server.signal(libc::SIGTERM);
+    assert_exits_within_two_seconds(&mut server, started, "with idle connections");
+}
+
+/// Waits for the server to exit with status 0 within 2 s of `since` (its SIGTERM).
+fn assert_exits_within_two_seconds(server: &mut Spawned, since: Instant, what: &str) {
     let exit = loop {
         if let Some(s) = server.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "still running 2 s after SIGTERM with idle connections");
+        assert!(since.elapsed() < Duration::from_secs(2), "still running 2 s after SIGTERM {what}");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(exit.code(), Some(0));
+}
+
+/// The `swav_admission_waiting` gauge of a running server, read from `/metrics`.
+fn waiting_in(base: &str) -> u64 {
+    let text = reqwest::blocking::get(format!("{base}/metrics")).expect("metrics").text().expect("text");
+    let line = text.lines().find(|l| l.starts_with("swav_admission_waiting ")).expect("swav_admission_waiting in /metrics");
+    line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).expect("a number") as u64
+}
+
+#[test]
+fn sigterm_ends_requests_waiting_for_room_in_the_real_server() {
+    let mut server = serve_with(&["--queue-capacity", "1", "--admission-wait-ms", "30000"]);
+    let png = common::gray_png(28, 28, 5);
+    // Four requests send their heads and none of their bodies yet. The first to be admitted
+    // holds the queue's one place while its body is awaited (for up to the 30 s wait); the other
+    // three wait for that place, their bodies unread.
+    let conns: Vec<TcpStream> = (0..4).map(|_| send_head(&server.base, "/v1/embed", "image/png", Some(png.len()))).collect();
+    let started = Instant::now();
+    while waiting_in(&server.base) != 3 {
+        assert!(started.elapsed() < Duration::from_secs(10), "three requests never waited for room");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let term = Instant::now();
+    for (i, s) in conns.iter().enumerate() {
+        let mut reader = s.try_clone().expect("clone");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = reader.read_to_end(&mut out);
+            let _ = tx.send((i, String::from_utf8_lossy(&out).into_owned(), term.elapsed()));
+        });
+    }
+    server.signal(libc::SIGTERM);
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let (i, resp, after) = rx.recv_timeout(Duration::from_secs(2)).expect("a waiting request answered within 2 s of SIGTERM");
+        assert!(resp.starts_with("HTTP/1.1 503"), "request {i}: {resp:?}");
+        assert_eq!(json_tail(&resp)["error"]["code"], "shutting_down", "request {i}");
+        assert!(after < Duration::from_secs(1), "request {i} answered {after:?} after SIGTERM");
+        answered.push(i);
+    }
+    // The one with the place is in progress: shutdown lets it finish once its body comes.
+    let holder = (0..4).find(|i| !answered.contains(i)).expect("one left");
+    (&conns[holder]).write_all(&png).expect("write body");
+    let (i, resp, _) = rx.recv_timeout(Duration::from_secs(2)).expect("the admitted request answered");
+    assert_eq!(i, holder);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert_exits_within_two_seconds(&mut server, term, "with requests waiting for room");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
