@@ -15,6 +15,9 @@ pub(crate) const MAX_LEVEL: u8 = 15;
 /// Cosine distance below which two unit vectors count as copies of one another (rounding of
 /// `1 - dot` on identical vectors stays far below it; distinct embeddings stay far above).
 const COPY_DISTANCE: f32 = 1e-6;
+/// Links kept on record for plans made under the shared lock: far more than the threads times
+/// the points per round that can be linked while one plan waits.
+const RECENT: usize = 4096;
 
 /// A node and its distance to the query, ordered by distance.
 #[derive(Clone, Copy, Debug)]
@@ -65,17 +68,35 @@ impl Ord for Scored {
 
 /// Where a new node links, found without the write lock (see `Graph::insert_chunk`).
 pub(crate) struct Plan {
-    /// Neighbours per level, from level 0 up; empty when the graph had no nodes.
-    pub links: Vec<Vec<u32>>,
+    /// Per level, from level 0 up; empty when the graph had no nodes.
+    levels: Vec<LevelPlan>,
     /// The reverse links, with each neighbour's list already pruned, so that the exclusive
-    /// part of an insert is only copying. Each is applied only if the list is still `seen`.
-    pub reverse: Vec<ReverseLink>,
+    /// part of an insert is mostly copying. Each is applied only if the list is still `seen`.
+    reverse: Vec<ReverseLink>,
+    /// How many nodes had been linked when the plan was made (see `Layers::recent`).
+    stamp: u64,
 }
 
-pub(crate) struct ReverseLink {
+struct LevelPlan {
+    /// The nodes the links were chosen from, nearest first.
+    candidates: Vec<Scored>,
+    /// The chosen links, nearest first.
+    links: Vec<Scored>,
+}
+
+impl Plan {
+    /// True when the graph was empty as the plan was made.
+    pub fn is_empty(&self) -> bool {
+        self.levels.is_empty()
+    }
+}
+
+struct ReverseLink {
     node: u32,
     level: usize,
-    seen: Vec<u32>,
+    /// The list the plan saw; `None` where the link was added as the plan was brought up to
+    /// date under the write lock, and is computed there.
+    seen: Option<Vec<u32>>,
     new: Vec<u32>,
 }
 
@@ -98,6 +119,10 @@ pub(crate) struct Layers {
     /// Slots whose item was deleted or replaced. They still route searches, but new links
     /// avoid them, and a neighbour list that holds them is repaired (see `links_with`).
     pub retired: Vec<bool>,
+    /// The nodes linked most recently, oldest first, and how many were linked before the
+    /// first of them: what a plan made under the shared lock has not seen (see `catch_up`).
+    recent: Vec<u32>,
+    recent_base: u64,
 }
 
 impl Layers {
@@ -115,6 +140,8 @@ impl Layers {
             entry: None,
             present: 0,
             retired: Vec::new(),
+            recent: Vec::new(),
+            recent_base: 0,
         }
     }
 
@@ -348,48 +375,134 @@ impl Layers {
     /// Finds the neighbours node `slot` (vector `q`, at `level`) should link to on each level,
     /// and how their own lists change.
     pub fn plan(&self, slot: u32, q: &[f32], level: u8) -> Plan {
-        let empty = Plan { links: Vec::new(), reverse: Vec::new() };
+        let stamp = self.linked();
+        let empty = Plan { levels: Vec::new(), reverse: Vec::new(), stamp };
         let Some((_, top)) = self.entry else { return empty };
         let Some(mut start) = self.descend(q, level.min(top)) else { return empty };
         let levels = level.min(top) as usize;
-        let mut links = vec![Vec::new(); levels + 1];
-        let mut reverse = Vec::new();
+        let mut plan = Plan { levels: Vec::with_capacity(levels + 1), reverse: Vec::new(), stamp };
         for lc in (0..=levels).rev() {
             let found = with_visited(self.slots(), |v| self.search_level(v, q, start, self.ef_construction, lc, None));
             start = found[0];
             // Links go to live nodes where there are any; retired ones only route.
             let live: Vec<Scored> = found.iter().copied().filter(|s| !self.is_retired(s.node)).collect();
-            links[lc] = self.select(if live.is_empty() { &found } else { &live }, self.m, None, slot);
-            for &n in &links[lc] {
-                let new = self.links_with(n, lc, slot, q);
-                reverse.push(ReverseLink { node: n, level: lc, seen: self.neighbours(n, lc).to_vec(), new });
+            let candidates = if live.is_empty() { found } else { live };
+            let links = self.chosen(&candidates, slot);
+            for s in &links {
+                let (new, seen) = (self.links_with(s.node, lc, slot, q), Some(self.neighbours(s.node, lc).to_vec()));
+                plan.reverse.push(ReverseLink { node: s.node, level: lc, seen, new });
             }
+            plan.levels.push(LevelPlan { candidates, links });
         }
-        Plan { links, reverse }
+        plan.levels.reverse();
+        plan
     }
 
-    /// Puts node `slot` into the graph with the links of `plan`. A reverse link whose list
-    /// changed since the plan (another insert touched it) is recomputed here.
+    /// `select` on a new node's candidates, keeping the distances of those chosen.
+    fn chosen(&self, candidates: &[Scored], slot: u32) -> Vec<Scored> {
+        let ids = self.select(candidates, self.m, None, slot);
+        // `select` keeps candidates in order, copies first; both are nearest first.
+        let mut links: Vec<Scored> = candidates.iter().copied().filter(|c| ids.contains(&c.node)).collect();
+        links.sort_unstable();
+        links
+    }
+
+    /// Nodes linked so far, counting each insert once.
+    fn linked(&self) -> u64 {
+        self.recent_base + self.recent.len() as u64
+    }
+
+    /// Brings a plan up to date with the nodes linked since it was made: those planned in the
+    /// same round before it, and other threads' rounds. Its search could not see them, and a
+    /// batch added in class order plans many points of a new class at once, each blind to the
+    /// others: they all linked to the same few nodes of older classes, and the new class's
+    /// first nodes held no links among themselves. A node that would have been chosen had it
+    /// been seen joins the candidates and the links are chosen again; one that would not
+    /// (nearly always, and checked with a few distances) changes nothing.
+    fn catch_up(&self, slot: u32, q: &[f32], level: u8, mut plan: Plan) -> Plan {
+        let Some(recent) = plan.stamp.checked_sub(self.recent_base).and_then(|i| self.recent.get(i as usize..)) else {
+            // Older than the record of recent links: plan again.
+            return self.plan(slot, q, level);
+        };
+        if recent.is_empty() {
+            return plan;
+        }
+        for lc in 0..=level as usize {
+            let unseen: Vec<Scored> = recent
+                .iter()
+                .filter(|&&n| self.levels[n as usize] as usize >= lc && !self.is_retired(n))
+                .map(|&n| Scored { dist: self.dist(q, n), node: n }.clamped())
+                .collect();
+            if unseen.is_empty() {
+                // Levels go up, and a node linked on a level is linked on those below it.
+                break;
+            }
+            if plan.levels.len() <= lc {
+                // The plan's graph did not reach this level; nodes linked since do.
+                plan.levels.push(LevelPlan { candidates: Vec::new(), links: Vec::new() });
+            }
+            let lp = &mut plan.levels[lc];
+            if !unseen.iter().any(|&r| self.would_choose(r, &lp.links)) {
+                continue;
+            }
+            lp.candidates.extend(unseen);
+            lp.candidates.sort_unstable();
+            lp.links = self.chosen(&lp.candidates, slot);
+            let links = &plan.levels[lc].links;
+            plan.reverse.retain(|r| r.level != lc || links.iter().any(|s| s.node == r.node));
+            for s in links {
+                if !plan.reverse.iter().any(|r| r.level == lc && r.node == s.node) {
+                    plan.reverse.push(ReverseLink { node: s.node, level: lc, seen: None, new: Vec::new() });
+                }
+            }
+        }
+        plan
+    }
+
+    /// Whether `select` would keep `r` among the candidates that gave `links`: only the links
+    /// nearer than `r` were kept before it was reached. A copy of the new vector is chosen by
+    /// another rule, so it always counts as chosen.
+    fn would_choose(&self, r: Scored, links: &[Scored]) -> bool {
+        if r.dist <= COPY_DISTANCE {
+            return true;
+        }
+        let before = links.iter().take_while(|s| **s < r);
+        if before.clone().count() >= self.m {
+            return false;
+        }
+        let v = self.vector(r.node);
+        before.into_iter().all(|s| 1.0 - self.kernel.dot(v, self.vector(s.node)) >= r.dist)
+    }
+
+    /// Puts node `slot` into the graph with the links of `plan`, brought up to date first. A
+    /// reverse link whose list changed since the plan (another insert touched it) is
+    /// recomputed here.
     pub fn link(&mut self, slot: u32, q: &[f32], level: u8, plan: Plan) {
+        let plan = self.catch_up(slot, q, level, plan);
         self.make_room(slot);
         let start = slot as usize * self.dim;
         self.vectors[start..start + self.dim].copy_from_slice(q);
         self.levels[slot as usize] = level;
         self.upper[slot as usize] = vec![Vec::new(); level as usize];
-        for (lc, ids) in plan.links.iter().enumerate() {
-            self.set_neighbours(slot, lc, ids);
+        for (lc, lp) in plan.levels.iter().enumerate() {
+            let ids: Vec<u32> = lp.links.iter().map(|s| s.node).collect();
+            self.set_neighbours(slot, lc, &ids);
         }
         for r in plan.reverse {
-            let new = if self.neighbours(r.node, r.level) == r.seen.as_slice() {
-                r.new
-            } else {
-                self.links_with(r.node, r.level, slot, q)
+            let new = match r.seen {
+                Some(seen) if self.neighbours(r.node, r.level) == seen.as_slice() => r.new,
+                _ => self.links_with(r.node, r.level, slot, q),
             };
             self.set_neighbours(r.node, r.level, &new);
         }
         self.present += 1;
         if self.entry.is_none_or(|(_, top)| level > top) {
             self.entry = Some((slot, level));
+        }
+        self.recent.push(slot);
+        if self.recent.len() >= 2 * RECENT {
+            self.recent.drain(..RECENT);
+            self.recent_base += RECENT as u64;
         }
     }
 }

@@ -26,8 +26,8 @@ pub(crate) use persist::{GRAPH_FILE, decode, encode};
 
 /// Below this many points a batch is inserted on the calling thread: rayon costs more than it saves.
 const PARALLEL_MIN: usize = 64;
-/// Points planned together per lock round; they do not see each other (nor the other threads'
-/// chunks), which on a graph of thousands of nodes changes nothing measurable.
+/// Points planned together per lock round. Their searches do not see each other (nor the other
+/// threads' rounds); `Layers::link` brings each plan up to date with what was linked since.
 const CHUNK: usize = 8;
 /// Graphs smaller than this grow one point at a time.
 const SERIAL_BELOW: usize = 1024;
@@ -97,8 +97,9 @@ impl Graph {
         let mut l = self.layers.write();
         for (v, slot, level, plan) in planned {
             // The graph was empty when planned: plan again against what is there now
-            // rather than leave this node unlinked.
-            let plan = if plan.links.is_empty() && l.entry.is_some() { l.plan(slot, v, level) } else { plan };
+            // rather than leave this node unlinked. Otherwise `link` brings the plan up to
+            // date with the nodes linked since it was made.
+            let plan = if plan.is_empty() && l.entry.is_some() { l.plan(slot, v, level) } else { plan };
             l.link(slot, v, level, plan);
         }
     }
@@ -317,6 +318,35 @@ mod tests {
         for (i, p) in points.iter().enumerate() {
             assert_eq!(g.search(p, 1, 32, None)[0].0, i, "point {i} must find itself");
         }
+    }
+
+    #[test]
+    fn points_planned_in_one_round_link_to_each_other() {
+        // Issue 21: a tight group inserted in one round used to link only to older nodes, none
+        // of its members having seen the others, so the group held no links among itself.
+        let dim = 16;
+        let (g, mut points) = build(SERIAL_BELOW + 100, dim);
+        let centre = unit(999_999, dim);
+        let group: Vec<Vec<f32>> = (0..CHUNK as u64)
+            .map(|i| {
+                let noise = unit(500_000 + i, dim);
+                let v: Vec<f32> = centre.iter().zip(&noise).map(|(c, n)| c + 0.05 * n).collect();
+                let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+                v.into_iter().map(|a| a / n).collect()
+            })
+            .collect();
+        let first = points.len();
+        let refs: Vec<(&[f32], usize)> = group.iter().enumerate().map(|(i, p)| (&p[..], first + i)).collect();
+        g.insert(&refs);
+        points.extend(group);
+        let members = first as u32..(first + CHUNK) as u32;
+        for node in members.clone() {
+            let linked = g.layers.read().neighbours(node, 0).iter().filter(|n| members.contains(n)).count();
+            assert!(linked > 0, "node {node} has no link to the others of its round");
+            let top = g.search(&points[node as usize], 1, 16, None);
+            assert_eq!(top[0].0, node as usize, "node {node} must find itself");
+        }
+        g.check(&|_| true).unwrap();
     }
 
     #[test]
