@@ -57,6 +57,13 @@ pub trait IndexBackend: Send + Sync + 'static {
     /// backend's default when None, and never below `k`); with `cluster`, only that cluster's items.
     fn search(&self, query: &[f32], k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Vec<Hit>, IndexError>;
 
+    /// [`IndexBackend::search`] for several queries, one result list per query in their order. A
+    /// remote backend sends them in one request: each of its reads costs a round trip and, for a
+    /// consistent read, a wait for the store to catch up, which one request pays once.
+    fn search_many(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Vec<Vec<Hit>>, IndexError> {
+        queries.iter().map(|q| self.search(q, k, ef, cluster)).collect()
+    }
+
     /// Like [`IndexBackend::search`] with a stored item's vector as the query, leaving the item
     /// out; None if the id is unknown.
     fn search_by_id(&self, id: &str, k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Option<Vec<Hit>>, IndexError>;

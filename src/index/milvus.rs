@@ -91,6 +91,8 @@ const MAX_VARCHAR: usize = 65_535;
 const CLUSTER_EXAMPLES: usize = 5;
 /// Ids per `id in [...]` expression.
 const IDS_PER_QUERY: usize = 1000;
+/// Query vectors per search request, to bound the size of one request and of its answer.
+const QUERIES_PER_SEARCH: usize = 1024;
 /// Count queries in flight at once for `clusters`.
 const COUNTS_IN_FLIGHT: usize = 8;
 /// How long opening waits for a new collection to be loaded into memory.
@@ -632,10 +634,17 @@ impl MilvusIndex {
     }
 
     fn search_unit(&self, q: &[f32], k: usize, ef: Option<usize>, filter: String) -> Result<Vec<Hit>, IndexError> {
+        let mut results = self.search_units(std::slice::from_ref(&q), k, ef, filter)?;
+        Ok(results.pop().unwrap_or_default())
+    }
+
+    /// One search request for all of `queries` (unit vectors), one result list per query.
+    fn search_units(&self, queries: &[impl AsRef<[f32]>], k: usize, ef: Option<usize>, filter: String) -> Result<Vec<Vec<Hit>>, IndexError> {
         let ef = ef.unwrap_or(self.opts.ef_search).max(k);
-        let bytes: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let values: Vec<Vec<u8>> = queries.iter().map(|q| q.as_ref().iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let nq = i64::try_from(values.len()).map_err(|_| IndexError::InvalidInput(format!("{} queries in one search", values.len())))?;
         let group = PlaceholderGroup {
-            placeholders: vec![PlaceholderValue { tag: "$0".into(), r#type: PlaceholderType::FloatVector as i32, values: vec![bytes] }],
+            placeholders: vec![PlaceholderValue { tag: "$0".into(), r#type: PlaceholderType::FloatVector as i32, values }],
         };
         let r = self.checked("search", |r: &m::SearchResults| r.status.as_ref(), |mut c| {
             let req = m::SearchRequest {
@@ -651,30 +660,45 @@ impl MilvusIndex {
                     kv("params", serde_json::json!({ "ef": ef })),
                     kv("round_decimal", -1),
                 ],
-                nq: 1,
+                nq,
                 consistency_level: ConsistencyLevel::Strong as i32,
                 use_default_consistency: false,
                 ..Default::default()
             };
             async move { c.search(req).await }
         })?;
-        let Some(data) = r.results else { return Ok(Vec::new()) };
+        let Some(data) = r.results else { return Ok(vec![Vec::new(); queries.len()]) };
         let ids = match data.ids.as_ref().and_then(|ids| ids.id_field.as_ref()) {
             Some(s::i_ds::IdField::StrId(a)) => a.data.as_slice(),
             None => &[],
             Some(_) => return Err(IndexError::Store("Milvus returned integer ids for a VarChar key".into())),
         };
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); queries.len()]);
+        }
+        // The hits of all queries in one run, query after query; `topks` says how many each has.
+        if data.topks.len() != queries.len() {
+            return Err(IndexError::Store(format!("Milvus answered {} result lists for {} queries", data.topks.len(), queries.len())));
         }
         let cols = Columns::new(&data.fields_data);
-        ids.iter()
-            .enumerate()
-            .map(|(i, _)| {
-                let score = *data.scores.get(i).ok_or_else(|| IndexError::Store("Milvus returned fewer scores than ids".into()))?;
-                Ok(Hit { item: cols.item(i, ids)?, score })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(queries.len());
+        let mut at = 0usize;
+        for &n in &data.topks {
+            let n = usize::try_from(n).map_err(|_| IndexError::Store(format!("Milvus answered {n} hits for a query")))?;
+            let end = at
+                .checked_add(n)
+                .filter(|&end| end <= ids.len())
+                .ok_or_else(|| IndexError::Store("Milvus's hit counts add up to more ids than it returned".into()))?;
+            let hits = (at..end)
+                .map(|i| {
+                    let score = *data.scores.get(i).ok_or_else(|| IndexError::Store("Milvus returned fewer scores than ids".into()))?;
+                    Ok(Hit { item: cols.item(i, ids)?, score })
+                })
+                .collect::<Result<Vec<Hit>, IndexError>>()?;
+            out.push(hits);
+            at = end;
+        }
+        Ok(out)
     }
 
     fn vector(&self, id: &str) -> Result<Option<Vec<f32>>, IndexError> {
@@ -812,6 +836,15 @@ impl IndexBackend for MilvusIndex {
     fn search(&self, query: &[f32], k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Vec<Hit>, IndexError> {
         let q = unit_vector(query, self.identity.dim, "query")?;
         self.search_unit(&q, k, ef, cluster_filter(cluster, None))
+    }
+
+    fn search_many(&self, queries: &[Vec<f32>], k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Vec<Vec<Hit>>, IndexError> {
+        let units = queries.iter().map(|q| unit_vector(q, self.identity.dim, "query")).collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(units.len());
+        for chunk in units.chunks(QUERIES_PER_SEARCH) {
+            out.extend(self.search_units(chunk, k, ef, cluster_filter(cluster, None))?);
+        }
+        Ok(out)
     }
 
     fn search_by_id(&self, id: &str, k: usize, ef: Option<usize>, cluster: Option<u32>) -> Result<Option<Vec<Hit>>, IndexError> {
