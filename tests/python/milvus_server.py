@@ -136,15 +136,24 @@ def request(method: str, url: str, body: dict | None = None, timeout: float = 30
         return e.code, json.loads(raw) if raw else {}, e.headers
 
 
-class Swav:
-    """A `swav serve` process on the tiny gray fixture bundle."""
+def small_defaults(extra: tuple[str, ...]) -> list[str]:
+    """One ONNX Runtime thread and small batches (the tiny bundle needs no more), unless `extra` sets them."""
+    out = []
+    for flag, value in (("--intra-threads", "1"), ("--max-batch-size", "8")):
+        if flag not in extra:
+            out += [flag, value]
+    return out
 
-    def __init__(self, binary: Path, index: str, *extra: str) -> None:
+
+class Swav:
+    """A `swav serve` process, on the tiny gray fixture bundle unless `model` names another."""
+
+    def __init__(self, binary: Path, index: str, *extra: str, model: Path | None = None) -> None:
         # A file, not a pipe: a pipe nobody reads would stall the server once its logs fill it.
         self.log = tempfile.NamedTemporaryFile("w+", prefix="swav-serve-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(binary), "serve", "--model", str(fixture_bundle("tiny-gray")), "--listen", "127.0.0.1:0",
-             "--device", "cpu", "--intra-threads", "1", "--max-batch-size", "8", "--index", index, *extra],
+            [str(binary), "serve", "--model", str(model or fixture_bundle("tiny-gray")), "--listen", "127.0.0.1:0",
+             "--device", "cpu", *small_defaults(extra), "--index", index, *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("listening on "):
@@ -176,8 +185,8 @@ class Swav:
 
 
 @contextlib.contextmanager
-def swav_serve(binary: Path, index: str, *extra: str) -> Iterator[Swav]:
-    server = Swav(binary, index, *extra)
+def swav_serve(binary: Path, index: str, *extra: str, model: Path | None = None) -> Iterator[Swav]:
+    server = Swav(binary, index, *extra, model=model)
     try:
         yield server
     finally:
