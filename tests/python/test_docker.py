@@ -175,14 +175,38 @@ def test_compose_builds_the_cpu_image_and_keeps_data_on_a_named_volume():
     assert "${SWAV_API_KEY:?" in COMPOSE.read_text(), "compose must refuse to start without an API key"
 
 
+MILVUS_PROFILE = {"milvus-etcd", "milvus-minio", "milvus", "swav-milvus-a", "swav-milvus-b"}
+
+
 def test_compose_uses_the_host_network_and_listens_on_loopback_only():
     doc = yaml.safe_load(COMPOSE.read_text())
-    for name, service in doc["services"].items():
+    default = {name: service for name, service in doc["services"].items() if "profiles" not in service}
+    assert set(default) == {"swav", "prometheus"}, "what `compose up` starts without a profile"
+    for name, service in default.items():
         assert service["network_mode"] == "host", f"{name}: a bridge network is not allowed"
         assert "ports" not in service, f"{name}: ports mean nothing on the host network"
+        assert "networks" not in service, f"{name}: on the host network, no other"
         assert service["build"]["network"] == "host", f"{name}: builds must use the host network too"
     assert doc["services"]["swav"]["environment"]["SWAV_LISTEN"].startswith("127.0.0.1:${SWAV_PORT:-8080}")
     assert "--web.listen-address=127.0.0.1:" in " ".join(doc["services"]["prometheus"]["command"])
+
+
+def test_compose_milvus_profile_keeps_milvus_off_the_hosts_network():
+    """Milvus listens on every interface without authentication: its profile runs on a bridge network
+    of its own, publishes nothing but the two swav replicas, and those on loopback only."""
+    doc = yaml.safe_load(COMPOSE.read_text())
+    profiled = {name: service for name, service in doc["services"].items() if "profiles" in service}
+    assert set(profiled) == MILVUS_PROFILE
+    assert set(doc["networks"]) == {"milvus"}
+    for name, service in profiled.items():
+        assert service["profiles"] == ["milvus"], name
+        assert service["networks"] == ["milvus"] and "network_mode" not in service, name
+        if name.startswith("swav-"):
+            assert len(service["ports"]) == 1 and service["ports"][0].startswith("127.0.0.1:"), service["ports"]
+            assert service["ports"][0].endswith(":8080"), "the image's port"
+        else:
+            assert "ports" not in service, f"{name} must not be published"
+    assert doc["services"]["milvus"]["image"] == "milvusdb/milvus:v2.3.5", "the release the tests run"
 
 
 def test_compose_prometheus_is_built_from_debian_on_the_same_base():
@@ -218,7 +242,9 @@ def test_the_cli_knows_every_variable_the_images_and_compose_set(swav_bin):
     used = set()
     for name in DOCKERFILES:
         used |= set(runtime(name).env())
-    used |= set(yaml.safe_load(COMPOSE.read_text())["services"]["swav"]["environment"])
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("swav", "swav-milvus-a", "swav-milvus-b"):
+        used |= set(services[name]["environment"])
     assert {"SWAV_MODEL", "SWAV_INDEX", "SWAV_LISTEN", "SWAV_API_KEY", "SWAV_ORT_LIB", "SWAV_DEVICE"} <= used
     # The others (LD_LIBRARY_PATH, NVIDIA_*) are for the loader and the container runtime.
     missing = sorted(v for v in used if v.startswith("SWAV_") and v not in help_text)

@@ -307,6 +307,46 @@ def test_cuda_image_with_device_cuda_and_no_gpu_fails_at_start_with_a_clear_mess
     assert "execution provider cuda:0 is not available" in output and "listening" not in output, output
 
 
+def compose_config(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`docker-compose config` of docker/compose.yaml, as scripts/docker-local runs compose."""
+    return subprocess.run([DOCKER_LOCAL, "compose", *args, "config"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+
+
+def test_compose_milvus_profile_is_valid_and_wires_two_replicas_to_one_collection(docker):
+    """The profile's images come from Docker Hub and quay.io, which this machine cannot reach: what
+    can be checked here is what Compose makes of the file."""
+    env = {"SWAV_API_KEY": KEY, "SWAV_REPLICA_B_PORT": "18082", "SWAV_MILVUS_COLLECTION": "shared"}
+    result = compose_config("--profile", "milvus", env=env)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == {"swav", "prometheus", "milvus-etcd", "milvus-minio", "milvus", "swav-milvus-a", "swav-milvus-b"}
+    milvus = services["milvus"]
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "milvus-etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "milvus-minio:9000"
+    assert {name: dep["condition"] for name, dep in milvus["depends_on"].items()} == {
+        "milvus-etcd": "service_healthy", "milvus-minio": "service_healthy"}
+    for name, port in (("swav-milvus-a", "8081"), ("swav-milvus-b", "18082")):
+        replica = services[name]
+        assert replica["image"] == "swav:cpu" and replica["environment"]["SWAV_API_KEY"] == KEY
+        assert replica["environment"]["SWAV_INDEX"] == "milvus://milvus:19530/shared", replica["environment"]
+        assert replica["environment"]["SWAV_LISTEN"] == "0.0.0.0:8080"
+        assert replica["ports"] == [f"127.0.0.1:{port}:8080/tcp"], replica["ports"]
+        assert "volumes" not in replica, "a replica keeps no state of its own"
+    assert services["swav-milvus-a"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert services["swav-milvus-b"]["depends_on"]["swav-milvus-a"]["condition"] == "service_healthy"
+
+    # Without the profile the default services are what they were: swav and Prometheus on the host's
+    # network; and neither way starts without an API key.
+    default = yaml.safe_load(compose_config(env=env).stdout)["services"]
+    assert default["swav"] == services["swav"] and default["prometheus"] == services["prometheus"]
+    assert default["swav"]["network_mode"] == "host" and "profiles" not in default["swav"]
+    assert default["swav"]["environment"]["SWAV_LISTEN"] == "127.0.0.1:8080"
+    refused = compose_config("--profile", "milvus", env={**env, "SWAV_API_KEY": None})
+    assert refused.returncode != 0 and "SWAV_API_KEY" in refused.stderr, refused.stderr
+
+
 def prometheus_query(port: int, query: str) -> list | None:
     """The query's result, or None while Prometheus is still starting: it answers 503 until its
     storage is open, which on a loaded machine can be after swav already answers."""
