@@ -2,6 +2,8 @@
 --   BENCH_LIST         a file holding one image path per line
 --   BENCH_PER_REQUEST  images per request: 1 (default) sends a raw image/png body; more sends
 --                      them as multipart/form-data file parts (clients that send groups)
+--   BENCH_BODIES       instead of images: a file holding one JSON request body per line (such as
+--                      {"vector": [...]} for /v1/search), each sent as application/json
 -- Requests are formatted once in init, so that the load generator, which shares the cores
 -- with the server, spends as little as possible per request.
 local requests = {}
@@ -20,6 +22,14 @@ local function multipart(files, first, last)
 end
 
 function init(args)
+  local bodies = os.getenv("BENCH_BODIES")
+  if bodies then
+    for line in io.lines(bodies) do
+      requests[#requests + 1] = wrk.format("POST", nil, {["Content-Type"] = "application/json"}, line)
+    end
+    i = math.random(#requests)
+    return
+  end
   local per = tonumber(os.getenv("BENCH_PER_REQUEST") or "1")
   local files = {}
   for path in io.lines(os.getenv("BENCH_LIST")) do
