@@ -443,9 +443,12 @@ fn the_batcher_admits_all_of_a_requests_images_or_none() {
 async fn one_place_server(run: Duration, wait: Duration, max_waiting: usize) -> InProcess {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, run);
-    let batcher =
-        BatcherConfig { max_batch_size: 1, max_delay: Duration::ZERO, queue_capacity: 1, admission_wait: wait, max_waiting };
-    common::start_in_process(&bundle, runner, ServerConfig { batcher, ..ServerConfig::default() }).await
+    common::start_in_process(&bundle, runner, ServerConfig { batcher: one_place(wait, max_waiting), ..ServerConfig::default() }).await
+}
+
+/// A queue of one place, one image per batch, waits of up to `wait` for room.
+fn one_place(wait: Duration, max_waiting: usize) -> BatcherConfig {
+    BatcherConfig { max_batch_size: 1, max_delay: Duration::ZERO, queue_capacity: 1, admission_wait: wait, max_waiting }
 }
 
 async fn until(what: &str, cond: impl Fn() -> bool) {
@@ -495,6 +498,49 @@ async fn a_request_that_finds_the_queue_full_is_admitted_when_room_appears() {
     }
     assert_eq!(srv.state.metrics.overloaded.get(), 0);
     assert_eq!(srv.state.metrics.admission_waiting.get(), 0);
+}
+
+/// A client that gives up while it waits for room: its place in the line of waiters comes back
+/// (with `max_waiting` 1 the next request would otherwise be refused at once), its image never
+/// reaches the model, and its share of the byte budget is given back. hyper does not read a
+/// connection whose request body the handler has not asked for, so the leaving is noticed when
+/// room appears and the body is read, not at the moment the client goes; either way nothing is
+/// spent on it but the wait. `body_sent`: the client sent its whole body before leaving, or only
+/// the head of a chunked request.
+async fn leave_while_waiting(body_sent: bool) {
+    let bundle = common::gray_bundle();
+    let runner = common::FakeRunner::new(&bundle, Duration::from_millis(600));
+    let batcher = one_place(Duration::from_secs(30), 1);
+    let srv = common::start_in_process(&bundle, runner.clone(), ServerConfig { batcher, ..ServerConfig::default() }).await;
+    let before = fill_the_queue(&srv).await;
+    let m = &srv.state.metrics;
+    let png = common::gray_png(28, 28, 3);
+    let mut quitter = send_head(&srv.base, "/v1/embed", "image/png", body_sent.then_some(png.len()));
+    if body_sent {
+        quitter.write_all(&png).expect("write body");
+    }
+    until("the quitter waits", || m.admission_waiting.get() == 1).await;
+    drop(quitter);
+    until("its wait ends", || m.admission_waiting.get() == 0).await;
+    // The one place in the line of waiters is free again: this request waits and is served.
+    assert_eq!(embed_one(srv.base.clone(), 4).await, 200, "the next client waits for room, not refused");
+    for b in before {
+        assert_eq!(b.await.expect("join"), 200);
+    }
+    assert_eq!(m.overloaded.get(), 0, "nobody was refused");
+    assert_eq!(runner.images_run.load(std::sync::atomic::Ordering::SeqCst), 3, "only the live clients' images reach the model");
+    let state = &srv.state;
+    until("no share of the byte budget is kept", || state.inflight_bytes.available_permits() == state.limits.max_inflight_bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sent_its_body_and_left_while_waiting_costs_only_the_wait() {
+    leave_while_waiting(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_left_before_sending_its_body_costs_only_the_wait() {
+    leave_while_waiting(false).await;
 }
 
 /// Sends a request head declaring a body, and none of the body: an answer then proves that the
@@ -648,13 +694,7 @@ const LIMIT: usize = 1 << 20;
 async fn budget_server(dir: &std::path::Path, budget: usize) -> InProcess {
     let bundle = common::gray_bundle();
     let runner = common::FakeRunner::new(&bundle, Duration::from_secs(2));
-    let batcher = BatcherConfig {
-        max_batch_size: 1,
-        max_delay: Duration::ZERO,
-        queue_capacity: 1,
-        admission_wait: Duration::from_secs(30),
-        max_waiting: 8,
-    };
+    let batcher = one_place(Duration::from_secs(30), 8);
     let limits = RequestLimits { max_body_bytes: LIMIT, max_inflight_bytes: budget, ..RequestLimits::default() };
     let index = common::open_index(dir, &bundle);
     common::start_in_process(&bundle, runner, ServerConfig { batcher, limits, index: Some(index), ..ServerConfig::default() }).await
