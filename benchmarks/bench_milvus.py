@@ -4,11 +4,13 @@
 1. The 10,000 Fashion-MNIST test images as PNGs (`swav dataset fashion-mnist --split test`).
 2. `swav index build` of them into a fresh directory and into a fresh Milvus collection, alternating
    (the order swapped each round), `--build-rounds` times: images/s and the build's peak RSS.
-3. `swav serve` on each (the last round's directory and collection), both running, loaded in turn:
-   `POST /v1/search?k=10` with a JSON vector (embeddings of test images, from /v1/embed; a
-   different one each request) from wrk at `--concurrency` connections for `--seconds`, alternating
-   the two servers for `--serve-rounds` rounds: queries/s, p50 and p99, the server's RSS when ready
-   and its peak after the load, and the Milvus server's RSS.
+3. `swav serve` on each (the last round's directory and collection): one on the directory and one
+   on the collection per `--consistency` level (`--milvus-consistency`; default: strong only), all
+   running, loaded in turn: `POST /v1/search?k=10` with a JSON vector (embeddings of test images,
+   from /v1/embed; a different one each request) from wrk at `--concurrency` connections for
+   `--seconds`, the servers' order rotated each of the `--serve-rounds` rounds: queries/s, p50 and
+   p99, each against the local index's point of the same round, the server's RSS when ready and its
+   peak after the load, and the Milvus server's RSS.
 
 Milvus is PyPI's embedded Milvus 2.3.5 standalone (scripts/setup-milvus's environment), started as
 the tests start it (tests/python/milvus_server.py): inside a network namespace with only a loopback
@@ -17,7 +19,8 @@ wrk share its cores, so the Milvus side pays for Milvus's CPU time too.
 
 Run from the repository root, as root (for the network namespace), after
 `cargo build --release --bin swav` and `scripts/setup-milvus`:
-    .venv/bin/python benchmarks/bench_milvus.py [--model models/fashion-mnist] [--work var/bench-milvus]
+    .venv/bin/python benchmarks/bench_milvus.py [--model models/fashion-mnist] [--work var/bench-milvus] \
+        [--consistency strong --consistency session ...]
 """
 
 from __future__ import annotations
@@ -95,12 +98,12 @@ def index_build(swav: Path, model: Path, images: Path, out: str) -> dict:
 
 
 class Server:
-    """`swav serve` on one index location, with its defaults otherwise."""
+    """`swav serve` on one index location, with its defaults otherwise (and `extra` flags)."""
 
-    def __init__(self, swav: Path, model: Path, index: str) -> None:
+    def __init__(self, swav: Path, model: Path, index: str, *extra: str) -> None:
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([str(swav), "serve", "--model", str(model), "--index", index, "--listen", "127.0.0.1:0",
-                                      "--device", "cpu"], stdout=subprocess.PIPE, stderr=self.log, text=True)
+                                      "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("listening on "):
             self.log.seek(0)
@@ -145,6 +148,9 @@ def wrk(url: str, bodies: Path, conns: int, seconds: int) -> dict:
             "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
 
 
+CONSISTENCY_LEVELS = ["strong", "session", "bounded", "eventually"]
+
+
 def median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
@@ -161,7 +167,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8, help="wrk duration per point")
     ap.add_argument("--queries", type=int, default=2000, help="distinct query vectors (test images' embeddings)")
     ap.add_argument("--limit", type=int, default=None, help="index only an even spread of N of the images (smoke runs)")
+    ap.add_argument("--consistency", action="append", choices=CONSISTENCY_LEVELS, default=None,
+                    help="a Milvus-backed server at this --milvus-consistency level (repeatable; default: strong)")
     args = ap.parse_args()
+    levels = list(dict.fromkeys(args.consistency or ["strong"]))
     if not (args.model / "manifest.json").is_file():
         sys.exit(f"no model bundle at {args.model}; pass --model DIR")
     if not args.swav.is_file():
@@ -183,7 +192,7 @@ def main() -> None:
     n_images = len(pngs)
     manifest = json.loads((model / "manifest.json").read_text())
     result: dict = {"model": manifest["name"], "images": n_images, "cpus": os.cpu_count(), "binary": str(args.swav),
-                    "load_average_before": load_average()}
+                    "consistency_levels": levels, "load_average_before": load_average()}
     log(f"load average before: {result['load_average_before']}")
 
     milvus_dir = Path(tempfile.mkdtemp(prefix="bench-milvus-", dir=work))
@@ -214,9 +223,11 @@ def main() -> None:
                 [m["images_per_second"] / lo["images_per_second"] for lo, m in zip(builds["local"], builds["milvus"])])
             result["milvus_rss_after_builds_mib"] = tree_rss_mib(milvus.proc.pid)
 
-            # 3. serving, both servers up, loaded in turn.
-            servers = {"local": Server(swav, model, str(local_dir)), "milvus": Server(swav, model, url)}
+            # 3. serving, every server up, loaded in turn.
+            servers = {"local": Server(swav, model, str(local_dir))}
             try:
+                for level in levels:
+                    servers[f"milvus {level}"] = Server(swav, model, url, "--milvus-consistency", level)
                 step = max(1, len(pngs) // args.queries)
                 chosen = pngs[::step][: args.queries]
                 bodies = work / "vectors.jsonl"
@@ -225,11 +236,12 @@ def main() -> None:
                         batch = [base64.b64encode(p.read_bytes()).decode() for p in chosen[start:start + 64]]
                         for v in servers["local"].post("/v1/embed", {"images": batch})["embeddings"]:
                             f.write(json.dumps({"vector": v}) + "\n")
-                points: dict[str, list[dict]] = {"local": [], "milvus": []}
+                points: dict[str, list[dict]] = {name: [] for name in servers}
                 for name, srv in servers.items():
                     wrk(srv.base + "/v1/search?k=10", bodies, args.concurrency, 2)  # warm-up, not kept
+                names = list(servers)
                 for r in range(args.serve_rounds):
-                    order = ["local", "milvus"] if r % 2 == 0 else ["milvus", "local"]
+                    order = names[r % len(names):] + names[:r % len(names)]
                     for name in order:
                         p = wrk(servers[name].base + "/v1/search?k=10", bodies, args.concurrency, args.seconds)
                         points[name].append(p)
@@ -240,10 +252,11 @@ def main() -> None:
                                            "rss_ready_mib": servers[name].rss_ready_mib,
                                            "rss_peak_mib": status_kib(servers[name].proc.pid, "VmHWM") / 1024}
                                     for name, rounds in points.items()}
-                result["search"]["milvus_over_local_qps"] = median(
-                    [m["qps"] / lo["qps"] for lo, m in zip(points["local"], points["milvus"])])
-                result["search"]["milvus_over_local_p99"] = median(
-                    [m["p99_ms"] / lo["p99_ms"] for lo, m in zip(points["local"], points["milvus"])])
+                for name in names[1:]:
+                    result["search"][name]["over_local_qps"] = median(
+                        [m["qps"] / lo["qps"] for lo, m in zip(points["local"], points[name])])
+                    result["search"][name]["over_local_p99"] = median(
+                        [m["p99_ms"] / lo["p99_ms"] for lo, m in zip(points["local"], points[name])])
                 result["milvus_rss_after_search_mib"] = tree_rss_mib(milvus.proc.pid)
             finally:
                 for srv in servers.values():
@@ -269,12 +282,13 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         lines.append(f"  {name:6} {rounds}  median {b[name]['median_images_per_second']:,.0f}  peak RSS {rss:.0f} MiB")
     lines += [f"  Milvus / local (median of the rounds' ratios): {b['milvus_over_local']:.2f}x", "",
               f"POST /v1/search?k=10 by vector, wrk -c{args.concurrency}, {args.seconds} s per point (queries/s, p50, p99 ms)"]
-    for name in ("local", "milvus"):
+    for name in s:
         rounds = ", ".join(f"{p['qps']:,.0f} ({p['p50_ms']:.1f}, {p['p99_ms']:.1f})" for p in s[name]["rounds"])
-        lines.append(f"  {name:6} {rounds}  median {s[name]['median_qps']:,.0f} q/s, p99 {s[name]['median_p99_ms']:.1f} ms; "
+        lines.append(f"  {name:17} {rounds}  median {s[name]['median_qps']:,.0f} q/s, p99 {s[name]['median_p99_ms']:.1f} ms; "
                      f"RSS ready {s[name]['rss_ready_mib']:.0f} MiB, peak {s[name]['rss_peak_mib']:.0f} MiB")
-    lines += [f"  Milvus / local: queries/s {s['milvus_over_local_qps']:.3f}x, p99 {s['milvus_over_local_p99']:.1f}x",
-              f"Milvus server (launcher + milvus) RSS: idle {r['milvus_rss_idle_mib']:.0f} MiB, after the builds "
+    for name in list(s)[1:]:
+        lines.append(f"  {name} / local: queries/s {s[name]['over_local_qps']:.3f}x, p99 {s[name]['over_local_p99']:.1f}x")
+    lines += [f"Milvus server (launcher + milvus) RSS: idle {r['milvus_rss_idle_mib']:.0f} MiB, after the builds "
               f"{r['milvus_rss_after_builds_mib']:.0f} MiB, after the searches {r['milvus_rss_after_search_mib']:.0f} MiB"]
     print("\n".join(lines))
 

@@ -109,9 +109,14 @@ def ort_alone(model: pathlib.Path, listing: pathlib.Path, threads: int, seconds:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(model / manifest["model_file"]), opts, providers=["CPUExecutionProvider"])
     files = listing.read_text().split()
-    c = manifest["input"]["channels"]
-    tensors = np.stack([np.asarray(Image.open(f).convert("L" if c == 1 else "RGB"), np.float32) / 255.0 for f in files])
-    tensors = tensors[:, None] if c == 1 else tensors.transpose(0, 3, 1, 2)
+    # The bundle's own preprocessing rule (the trainer's), so that the tensors have the model's input
+    # size whatever the images' size.
+    sys.path.append(str(ROOT / "training" / "src"))
+    from swav_train.preprocess import InputSpec, to_array
+
+    inp = manifest["input"]
+    spec = InputSpec(inp["channels"], inp["resize"]["size"], inp["height"], inp["width"])
+    tensors = np.stack([to_array(Image.open(f), spec) for f in files])
     best = {}
     for bs in (1, 8, 16, 32, 64, 128):
         sess.run(["embedding"], {"images": tensors[:bs]})

@@ -62,6 +62,14 @@ fn every_fixture_bundle_matches_its_golden_outputs() {
     assert!(checked >= bundles.len(), "no golden cases checked");
 }
 
+/// The default model too: its golden images are 28 px Fashion-MNIST pictures that it takes at
+/// 32 px, so this also holds our upscaling to the trainer's.
+#[test]
+fn the_default_model_matches_its_golden_outputs() {
+    let bundle = Bundle::load(&common::repo().join("models/fashion-mnist")).expect("default bundle");
+    assert!(check_bundle(&bundle) >= 4, "the default model has fewer than 4 golden cases");
+}
+
 /// The same image through the engine alone and in a batch with others gives the same answer.
 #[test]
 fn batch_results_equal_single_results() {

@@ -17,6 +17,8 @@ use std::process::ExitCode;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use clap::builder::BoolishValueParser;
 
+use crate::index::ReadConsistency;
+
 pub use model::ModelArgs;
 
 /// Whether added items keep a thumbnail; shared by `serve` and `index build`.
@@ -38,6 +40,14 @@ pub struct StoreArgs {
     /// Milvus credentials: `user:password` or an API token (prefer the environment variable).
     #[arg(long, env = "SWAV_MILVUS_TOKEN", hide_env_values = true, value_name = "TOKEN")]
     pub milvus_token: Option<String>,
+    /// Consistency of the reads that serve requests (get, search, clusters, counts). `strong`: every
+    /// write acknowledged before, through any replica, at the cost of a wait for Milvus's time tick
+    /// (about 200 ms a read); `session`: this process's own writes at once, other replicas' a
+    /// moment later; `bounded`: may miss the last few seconds of writes; `eventually`: no
+    /// guarantee. A build's check for ids already present and a delete's existence check are
+    /// Strong at every level.
+    #[arg(long, env = "SWAV_MILVUS_CONSISTENCY", value_enum, value_name = "LEVEL", default_value_t = ReadConsistency::Strong)]
+    pub milvus_consistency: ReadConsistency,
 }
 
 /// The token shows only as set or not, so that no log or panic message carries it.
@@ -46,6 +56,7 @@ impl std::fmt::Debug for StoreArgs {
         f.debug_struct("StoreArgs")
             .field("milvus_timeout", &self.milvus_timeout)
             .field("milvus_token", &self.milvus_token.as_ref().map(|_| "***"))
+            .field("milvus_consistency", &self.milvus_consistency)
             .finish()
     }
 }
@@ -55,6 +66,7 @@ impl StoreArgs {
         crate::index::MilvusOptions {
             timeout: std::time::Duration::from_secs_f64(self.milvus_timeout),
             token: self.milvus_token.clone(),
+            consistency: self.milvus_consistency,
         }
     }
 }
@@ -127,13 +139,34 @@ pub fn main() -> ExitCode {
 
 #[cfg(test)]
 mod store_args_tests {
-    use super::StoreArgs;
+    use clap::Parser;
+
+    use super::{Cli, Command, StoreArgs};
+    use crate::index::ReadConsistency;
 
     #[test]
     fn the_milvus_token_never_shows_in_debug_output() {
-        let args = StoreArgs { milvus_timeout: 5.0, milvus_token: Some("s3cret-token".into()) };
+        let args = StoreArgs { milvus_timeout: 5.0, milvus_token: Some("s3cret-token".into()), milvus_consistency: Default::default() };
         let shown = format!("{args:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn milvus_consistency_takes_the_four_levels_and_refuses_others() {
+        let level = |extra: &[&str]| {
+            let args = [&["swav", "index", "stats", "milvus://h:1/c"], extra].concat();
+            match Cli::try_parse_from(args).map(|cli| cli.command) {
+                Ok(Command::Index(super::index::IndexArgs { command: super::index::IndexCommand::Stats(a) })) => Ok(a.store.milvus_consistency),
+                Ok(other) => panic!("parsed as {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(level(&[]), Ok(ReadConsistency::Strong));
+        assert_eq!(level(&["--milvus-consistency", "session"]), Ok(ReadConsistency::Session));
+        assert_eq!(level(&["--milvus-consistency=bounded"]), Ok(ReadConsistency::Bounded));
+        assert_eq!(level(&["--milvus-consistency", "eventually"]), Ok(ReadConsistency::Eventually));
+        let err = level(&["--milvus-consistency", "weak"]).unwrap_err();
+        assert!(err.contains("invalid value 'weak'") && err.contains("strong, session, bounded, eventually"), "{err}");
     }
 }

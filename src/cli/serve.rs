@@ -233,6 +233,7 @@ fn log_configuration(args: &ServeArgs, conn: ConnLimits, model_dir: &std::path::
         index = ?args.index,
         milvus_timeout = args.store.milvus_timeout,
         milvus_token = ?args.store.milvus_token.as_ref().map(|_| "***"),
+        milvus_consistency = %args.store.milvus_consistency,
         thumbnails = state.thumbnails,
         ui = state.ui,
         max_connections = conn.max_connections,

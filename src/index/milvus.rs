@@ -22,9 +22,38 @@
 //! index's `index.json`. The collection, its two indexes and its load are made on first use.
 //!
 //! # Consistency
-//! Every read (get, search, query, counts) asks for Strong consistency: it sees every write that
-//! Milvus acknowledged before the read began, through any replica. Writes return after Milvus
-//! acknowledged them (they are in its write-ahead log, which survives a restart).
+//! `--milvus-consistency` (`SWAV_MILVUS_CONSISTENCY`, [`ReadConsistency`]) sets the level of the
+//! reads that serve requests: get, thumbnail, search (by image, vector or id), clusters and their
+//! pages, and the item counts of stats and compact. Milvus decides what a read may miss by its
+//! guarantee timestamp: a query node answers once it has consumed its channel up to it. Milvus
+//! 2.3's proxy (`parseGuaranteeTsFromConsistency` in `internal/proxy/util.go`, called by
+//! `task_search.go` and `task_query.go`) computes it for three levels and takes the client's for
+//! Session:
+//! - `strong` (the default): the time the read reaches the proxy. It sees every write Milvus
+//!   acknowledged before, through any replica, and waits for the next time tick to get it
+//!   (`proxy.timeTickInterval`, 200 ms on 2.3.5), idle or not.
+//! - `session`: read-your-writes within this process. An upsert's answer carries the write's
+//!   timestamp (`MutationResult.timestamp`); the largest this process has seen is sent as the
+//!   guarantee, so a read waits only while this process's own last write is not yet consumed, and
+//!   then sees it (and everything before it). Milvus 2.3.5 answers a delete with timestamp 0, so
+//!   the first Session read after a delete takes a timestamp from Milvus's timestamp oracle
+//!   (`AllocTimestamp`, one more round trip) in its place: allocated after the delete was
+//!   acknowledged, it is later than the delete's. Writes through other replicas may be missed
+//!   until the query node has consumed them. Before this process
+//!   wrote anything it sends 1, as pymilvus does: the proxy passes a Session guarantee through
+//!   unchanged, and the query node (`waitTSafe`) serves any guarantee at or below what it has
+//!   consumed at once, so 0 would read the same; 1 is Milvus's own "eventually" value.
+//! - `bounded`: the proxy's time minus `common.gracefulTime` (5 s by default): no wait unless the
+//!   query node lags further behind; writes of the last few seconds, this process's own included,
+//!   may be missed.
+//! - `eventually`: 1, no wait at all; whatever the query node has consumed.
+//!
+//! Two reads stay Strong whatever the level, because they decide what a write does and must see
+//! every acknowledged write, from any process: the presence query ([`IndexBackend::present`]) that
+//! `swav index build` uses to skip ids already stored (resume) and that an add uses to count what
+//! it replaced, and the existence check that a delete makes first (a delete of an item another
+//! replica added a moment ago must not answer 404). Writes return after Milvus acknowledged them
+//! (they are in its write-ahead log, which survives a restart), at every level.
 //!
 //! # Failures
 //! Every call has a deadline (`--milvus-timeout`). A connection refused, a deadline passed, or a
@@ -34,6 +63,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -104,6 +134,38 @@ const ALL: &str = "cluster >= 0";
 /// (as after a restart).
 const RETRYABLE_CODES: [i32; 5] = [1, 2, 3, 4, 101];
 
+/// The consistency level of the reads that serve requests (the module doc says which reads, and
+/// what each level may miss). Strong is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReadConsistency {
+    /// Every write acknowledged before the read, through any replica; waits for a time tick.
+    #[default]
+    Strong,
+    /// This process's own writes (read-your-writes); others' once Milvus has consumed them.
+    Session,
+    /// Writes older than Milvus's graceful time (5 s by default); no wait.
+    Bounded,
+    /// Whatever Milvus has consumed; no wait.
+    Eventually,
+}
+
+impl ReadConsistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadConsistency::Strong => "strong",
+            ReadConsistency::Session => "session",
+            ReadConsistency::Bounded => "bounded",
+            ReadConsistency::Eventually => "eventually",
+        }
+    }
+}
+
+impl std::fmt::Display for ReadConsistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How the Milvus backend connects.
 #[derive(Debug, Clone)]
 pub struct MilvusOptions {
@@ -111,11 +173,34 @@ pub struct MilvusOptions {
     pub timeout: Duration,
     /// Sent as Milvus's `authorization` header (a `user:password` pair or an API token).
     pub token: Option<String>,
+    /// The level of the reads that serve requests.
+    pub consistency: ReadConsistency,
 }
 
 impl Default for MilvusOptions {
     fn default() -> Self {
-        MilvusOptions { timeout: Duration::from_secs(5), token: None }
+        MilvusOptions { timeout: Duration::from_secs(5), token: None, consistency: ReadConsistency::Strong }
+    }
+}
+
+/// Which consistency one read needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The read serves a request: the level chosen with `--milvus-consistency`.
+    Serving,
+    /// The read decides what a write does (presence, existence before a delete): always Strong.
+    Strong,
+}
+
+/// The `consistency_level` and `guarantee_timestamp` of a read at `level`; `last_write` is the
+/// largest timestamp of this process's acknowledged writes (0 before the first).
+fn read_level(read: Read, level: ReadConsistency, last_write: u64) -> (ConsistencyLevel, u64) {
+    match (read, level) {
+        (Read::Strong, _) | (Read::Serving, ReadConsistency::Strong) => (ConsistencyLevel::Strong, 0),
+        // 1 and not 0 before the first write: Milvus's "eventually" value (as pymilvus sends).
+        (Read::Serving, ReadConsistency::Session) => (ConsistencyLevel::Session, last_write.max(1)),
+        (Read::Serving, ReadConsistency::Bounded) => (ConsistencyLevel::Bounded, 0),
+        (Read::Serving, ReadConsistency::Eventually) => (ConsistencyLevel::Eventually, 0),
     }
 }
 
@@ -156,6 +241,12 @@ pub struct MilvusIndex {
     identity: ModelIdentity,
     opts: IndexOptions,
     timeout: Duration,
+    consistency: ReadConsistency,
+    /// The largest `MutationResult.timestamp` of this process's writes: Session reads' guarantee.
+    last_write: AtomicU64,
+    /// Writes acknowledged without a timestamp (Milvus 2.3.5's deletes) since a Session read last
+    /// took one from Milvus's timestamp oracle in their place.
+    untimed_writes: AtomicU64,
     metrics: StoreMetrics,
 }
 
@@ -381,6 +472,9 @@ impl MilvusIndex {
             identity: want.clone().unwrap_or(stand_in),
             opts,
             timeout: milvus.timeout,
+            consistency: milvus.consistency,
+            last_write: AtomicU64::new(0),
+            untimed_writes: AtomicU64::new(0),
             metrics,
         };
         let found = index.prepare(create)?;
@@ -587,15 +681,57 @@ impl MilvusIndex {
         Ok(state.state == proto::common::LoadState::Loaded as i32)
     }
 
-    fn query(&self, expr: String, fields: &[&str], limit: Option<usize>) -> Result<m::QueryResults, IndexError> {
+    /// The `consistency_level` and `guarantee_timestamp` for a read of this kind now.
+    fn level(&self, read: Read) -> Result<(i32, u64), IndexError> {
+        if read == Read::Serving && self.consistency == ReadConsistency::Session {
+            self.time_untimed_writes()?;
+        }
+        let (level, guarantee) = read_level(read, self.consistency, self.last_write.load(Ordering::Acquire));
+        Ok((level as i32, guarantee))
+    }
+
+    /// Remembers a write's timestamp for later Session reads. Milvus 2.3.5 answers a delete with
+    /// timestamp 0 (its upserts and inserts carry theirs): such a write is counted instead, for
+    /// the next Session read to time.
+    fn wrote(&self, r: &m::MutationResult) {
+        if r.timestamp == 0 {
+            self.untimed_writes.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.last_write.fetch_max(r.timestamp, Ordering::AcqRel);
+        }
+    }
+
+    /// After writes acknowledged without a timestamp, one from Milvus's timestamp oracle stands in
+    /// for theirs: it is allocated after they were acknowledged, so it is later than each of them,
+    /// and a read that waits for it sees them.
+    fn time_untimed_writes(&self) -> Result<(), IndexError> {
+        let untimed = self.untimed_writes.load(Ordering::Acquire);
+        if untimed == 0 {
+            return Ok(());
+        }
+        let r = self.checked("alloc_timestamp", |r: &m::AllocTimestampResponse| r.status.as_ref(), |mut c| async move {
+            c.alloc_timestamp(m::AllocTimestampRequest::default()).await
+        })?;
+        if r.timestamp == 0 {
+            return Err(IndexError::Store("alloc_timestamp: Milvus returned timestamp 0".into()));
+        }
+        self.last_write.fetch_max(r.timestamp, Ordering::AcqRel);
+        // Writes counted meanwhile stay counted, for the next read.
+        let _ = self.untimed_writes.compare_exchange(untimed, 0, Ordering::AcqRel, Ordering::Acquire);
+        Ok(())
+    }
+
+    fn query(&self, read: Read, expr: String, fields: &[&str], limit: Option<usize>) -> Result<m::QueryResults, IndexError> {
         let output_fields = fields.iter().map(|f| f.to_string()).collect();
+        let (consistency_level, guarantee_timestamp) = self.level(read)?;
         self.checked("query", |r: &m::QueryResults| r.status.as_ref(), |mut c| {
             let req = m::QueryRequest {
                 collection_name: self.name(),
                 expr,
                 output_fields,
                 query_params: limit.map(|l| vec![kv("limit", l)]).unwrap_or_default(),
-                consistency_level: ConsistencyLevel::Strong as i32,
+                consistency_level,
+                guarantee_timestamp,
                 use_default_consistency: false,
                 ..Default::default()
             };
@@ -603,22 +739,25 @@ impl MilvusIndex {
         })
     }
 
-    fn items(&self, expr: String, limit: Option<usize>) -> Result<Vec<ItemInfo>, IndexError> {
-        let r = self.query(expr, &[FIELD_ID, FIELD_CLUSTER, FIELD_METADATA], limit)?;
+    fn items(&self, read: Read, expr: String, limit: Option<usize>) -> Result<Vec<ItemInfo>, IndexError> {
+        let r = self.query(read, expr, &[FIELD_ID, FIELD_CLUSTER, FIELD_METADATA], limit)?;
         let cols = Columns::new(&r.fields_data);
         let ids = cols.strings(FIELD_ID)?;
         (0..ids.len()).map(|i| cols.item(i, ids)).collect()
     }
 
-    fn count_query(&self, expr: String) -> m::QueryRequest {
-        m::QueryRequest {
+    /// A count, at the serving level.
+    fn count_query(&self, expr: String) -> Result<m::QueryRequest, IndexError> {
+        let (consistency_level, guarantee_timestamp) = self.level(Read::Serving)?;
+        Ok(m::QueryRequest {
             collection_name: self.name(),
             expr,
             output_fields: vec!["count(*)".into()],
-            consistency_level: ConsistencyLevel::Strong as i32,
+            consistency_level,
+            guarantee_timestamp,
             use_default_consistency: false,
             ..Default::default()
-        }
+        })
     }
 
     fn count_of(r: &m::QueryResults) -> Result<usize, IndexError> {
@@ -628,7 +767,7 @@ impl MilvusIndex {
     }
 
     fn count(&self, expr: String) -> Result<usize, IndexError> {
-        let req = self.count_query(expr);
+        let req = self.count_query(expr)?;
         let r = self.checked("count", |r: &m::QueryResults| r.status.as_ref(), |mut c| async move { c.query(req).await })?;
         Self::count_of(&r)
     }
@@ -646,6 +785,7 @@ impl MilvusIndex {
         let group = PlaceholderGroup {
             placeholders: vec![PlaceholderValue { tag: "$0".into(), r#type: PlaceholderType::FloatVector as i32, values }],
         };
+        let (consistency_level, guarantee_timestamp) = self.level(Read::Serving)?;
         let r = self.checked("search", |r: &m::SearchResults| r.status.as_ref(), |mut c| {
             let req = m::SearchRequest {
                 collection_name: self.name(),
@@ -661,7 +801,8 @@ impl MilvusIndex {
                     kv("round_decimal", -1),
                 ],
                 nq,
-                consistency_level: ConsistencyLevel::Strong as i32,
+                consistency_level,
+                guarantee_timestamp,
                 use_default_consistency: false,
                 ..Default::default()
             };
@@ -702,7 +843,7 @@ impl MilvusIndex {
     }
 
     fn vector(&self, id: &str) -> Result<Option<Vec<f32>>, IndexError> {
-        let r = self.query(ids_in(&[id]), &[FIELD_ID, FIELD_VECTOR], None)?;
+        let r = self.query(Read::Serving, ids_in(&[id]), &[FIELD_ID, FIELD_VECTOR], None)?;
         let cols = Columns::new(&r.fields_data);
         if cols.strings(FIELD_ID)?.is_empty() {
             return Ok(None);
@@ -715,7 +856,7 @@ impl MilvusIndex {
     }
 
     fn ids_of_cluster(&self, cluster: u32, limit: Option<usize>) -> Result<Vec<String>, IndexError> {
-        let r = self.query(format!("{FIELD_CLUSTER} == {cluster}"), &[FIELD_ID], limit)?;
+        let r = self.query(Read::Serving, format!("{FIELD_CLUSTER} == {cluster}"), &[FIELD_ID], limit)?;
         Ok(Columns::new(&r.fields_data).strings(FIELD_ID)?.to_vec())
     }
 
@@ -786,39 +927,43 @@ impl IndexBackend for MilvusIndex {
             scalar(FIELD_THUMBNAIL, DataType::VarChar, scalar_field::Data::StringData(s::StringArray { data: thumbnails })),
         ];
         let rows = u32::try_from(n).map_err(|_| IndexError::InvalidInput(format!("{n} items in one write")))?;
-        self.checked("upsert", |r: &m::MutationResult| r.status.as_ref(), |mut c| {
+        let written = self.checked("upsert", |r: &m::MutationResult| r.status.as_ref(), |mut c| {
             let req = m::UpsertRequest { collection_name: self.name(), fields_data: fields, num_rows: rows, ..Default::default() };
             async move { c.upsert(req).await }
         })?;
+        self.wrote(&written);
         Ok(AddReport { added: n, replaced })
     }
 
     fn delete(&self, id: &str) -> Result<bool, IndexError> {
-        if self.get(id)?.is_none() {
+        // Strong: an item another replica has just added must be deleted, not answered 404.
+        if self.items(Read::Strong, ids_in(&[id]), None)?.is_empty() {
             return Ok(false);
         }
-        self.checked("delete", |r: &m::MutationResult| r.status.as_ref(), |mut c| {
+        let written = self.checked("delete", |r: &m::MutationResult| r.status.as_ref(), |mut c| {
             let req = m::DeleteRequest { collection_name: self.name(), expr: ids_in(&[id]), ..Default::default() };
             async move { c.delete(req).await }
         })?;
+        self.wrote(&written);
         Ok(true)
     }
 
     fn get(&self, id: &str) -> Result<Option<ItemInfo>, IndexError> {
-        Ok(self.items(ids_in(&[id]), None)?.into_iter().next())
+        Ok(self.items(Read::Serving, ids_in(&[id]), None)?.into_iter().next())
     }
 
+    /// Always Strong: a build's resume skips what this answers, and an add counts it as replaced.
     fn present(&self, ids: &[String]) -> Result<HashSet<String>, IndexError> {
         let mut found = HashSet::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
-            let r = self.query(ids_in(chunk), &[FIELD_ID], None)?;
+            let r = self.query(Read::Strong, ids_in(chunk), &[FIELD_ID], None)?;
             found.extend(Columns::new(&r.fields_data).strings(FIELD_ID)?.iter().cloned());
         }
         Ok(found)
     }
 
     fn thumbnail(&self, id: &str) -> Result<Thumbnail, IndexError> {
-        let r = self.query(ids_in(&[id]), &[FIELD_ID, FIELD_THUMBNAIL], None)?;
+        let r = self.query(Read::Serving, ids_in(&[id]), &[FIELD_ID, FIELD_THUMBNAIL], None)?;
         let cols = Columns::new(&r.fields_data);
         if cols.strings(FIELD_ID)?.is_empty() {
             return Ok(Thumbnail::NoItem);
@@ -855,7 +1000,8 @@ impl IndexBackend for MilvusIndex {
     fn clusters(&self, count: usize) -> Result<Vec<ClusterInfo>, IndexError> {
         let count = u32::try_from(count).unwrap_or(u32::MAX);
         // One count per cluster, several in flight: Milvus 2.3 has no group-by.
-        let requests: Vec<(u32, m::QueryRequest)> = (0..count).map(|c| (c, self.count_query(format!("{FIELD_CLUSTER} == {c}")))).collect();
+        let requests: Vec<(u32, m::QueryRequest)> =
+            (0..count).map(|c| Ok((c, self.count_query(format!("{FIELD_CLUSTER} == {c}"))?))).collect::<Result<_, IndexError>>()?;
         let client = self.client.clone();
         let timeout = self.timeout;
         let rt = self.runtime.as_ref().expect("the runtime lives as long as the index");
@@ -898,7 +1044,7 @@ impl IndexBackend for MilvusIndex {
         if page.is_empty() {
             return Ok(ClusterItems { cluster, total, items: Vec::new() });
         }
-        let mut items = self.items(ids_in(&page), None)?;
+        let mut items = self.items(Read::Serving, ids_in(&page), None)?;
         items.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(ClusterItems { cluster, total, items })
     }
@@ -910,7 +1056,7 @@ impl IndexBackend for MilvusIndex {
             "model": self.identity,
             "items": items,
             "collection": self.address.to_string(),
-            "consistency": "strong",
+            "consistency": self.consistency.as_str(),
             "timeout_seconds": self.timeout.as_secs_f64(),
             "options": { "m": self.opts.m, "ef_construction": self.opts.ef_construction, "ef_search": self.opts.ef_search },
         })))
@@ -998,13 +1144,30 @@ mod tests {
     }
 
     #[test]
+    fn reads_that_decide_a_write_stay_strong_and_session_sends_this_process_last_write() {
+        use ReadConsistency::*;
+        for level in [Strong, Session, Bounded, Eventually] {
+            assert_eq!(read_level(Read::Strong, level, 42), (ConsistencyLevel::Strong, 0), "{level}");
+        }
+        assert_eq!(read_level(Read::Serving, Strong, 42), (ConsistencyLevel::Strong, 0));
+        assert_eq!(read_level(Read::Serving, Session, 42), (ConsistencyLevel::Session, 42));
+        // Before this process wrote: no wait, as Milvus's own "eventually" guarantee.
+        assert_eq!(read_level(Read::Serving, Session, 0), (ConsistencyLevel::Session, 1));
+        // The proxy computes these two from its own clock.
+        assert_eq!(read_level(Read::Serving, Bounded, 42), (ConsistencyLevel::Bounded, 0));
+        assert_eq!(read_level(Read::Serving, Eventually, 42), (ConsistencyLevel::Eventually, 0));
+        assert_eq!(MilvusOptions::default().consistency, Strong);
+        assert_eq!([Strong, Session, Bounded, Eventually].map(ReadConsistency::as_str), ["strong", "session", "bounded", "eventually"]);
+    }
+
+    #[test]
     fn a_refused_connection_is_unavailable_not_a_hang() {
         // A loopback port nobody listens on: opening fails fast with Unavailable.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let address = MilvusAddress { host: "127.0.0.1".into(), port, collection: "c".into() };
         let identity = ModelIdentity { name: "m".into(), sha256: "s".into(), dim: 4 };
         let started = Instant::now();
-        let opts = MilvusOptions { timeout: Duration::from_secs(2), token: None };
+        let opts = MilvusOptions { timeout: Duration::from_secs(2), ..MilvusOptions::default() };
         let err = MilvusIndex::open_or_create(&address, identity, IndexOptions::default(), opts).err().expect("nothing listens there");
         assert!(matches!(err, IndexError::Unavailable(_)), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());

@@ -46,7 +46,7 @@ use wal::{Op, Wal};
 pub use backend::{BackendStats, IndexBackend, Thumbnail, open_existing, open_or_create};
 pub use collector::IndexCollector;
 pub use location::{IndexLocation, MilvusAddress};
-pub use milvus::{MilvusIndex, MilvusOptions};
+pub use milvus::{MilvusIndex, MilvusOptions, ReadConsistency};
 pub use error::{IndexError, ModelMismatch};
 pub use faults::{FaultPoint, Faults, NoFaults};
 pub use metadata::Metadata;

@@ -9,6 +9,7 @@ import base64
 import collections
 import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -237,7 +238,11 @@ def test_two_replicas_share_one_collection(swav_bin, milvus):
         assert a.call("GET", "/v1/index")[1]["items"] == b.call("GET", "/v1/index")[1]["items"] == len(IDS) - 1
 
 
-def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path, milvus):
+@pytest.mark.parametrize("level", ["strong", "eventually"])
+def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path, milvus, level):
+    """With the default level, and with `eventually` from SWAV_MILVUS_CONSISTENCY: the resume's
+    presence query stays Strong at every level, so the second build skips all it stored."""
+    env = {**os.environ, "SWAV_MILVUS_CONSISTENCY": level} if level != "strong" else None
     images = tmp_path / "images"
     images.mkdir()
     for i in range(12):
@@ -248,7 +253,7 @@ def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path
     def build() -> dict:
         out = subprocess.run([str(swav_bin), "index", "build", *model, "--input", str(images), "--out", url,
                               "--no-progress", "--batch-size", "5"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -258,14 +263,88 @@ def test_index_build_into_milvus_resumes_and_the_cli_reads_it(swav_bin, tmp_path
     second = build()
     assert (second["indexed"], second["already_present"]) == (1, 12)
 
-    out = subprocess.run([str(swav_bin), "index", "stats", url], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(swav_bin), "index", "stats", url], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout)
-    assert stats["items"] == 13 and stats["backend"] == "milvus"
+    assert stats["backend"] == "milvus" and stats["consistency"] == level
+    # Counted at `level`: an eventually read may not count the second build's item yet, written
+    # after that build's (Strong) presence query made Milvus consume the first build's.
+    assert stats["items"] == 13 if level == "strong" else stats["items"] in (12, 13), stats
     out = subprocess.run([str(swav_bin), "index", "search", url, *model, "--k", "1", str(images / "5.png")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["results"][0][0]["id"] == "5.png"
+
+
+def effective_level(srv) -> str:
+    """The Milvus consistency level in the configuration a server logged at start (with --log-format json)."""
+    for line in srv.logs().splitlines():
+        if line.startswith("{") and json.loads(line)["fields"].get("message") == "effective configuration":
+            return json.loads(line)["fields"]["milvus_consistency"]
+    raise AssertionError(f"no effective configuration logged: {srv.logs()[-2000:]}")
+
+
+def test_session_reads_see_this_replicas_own_writes_at_once(swav_bin, milvus):
+    """--milvus-consistency session: what a replica wrote, it reads back at once (get, search), a
+    replacement included, and what it deleted is gone for it at once, item after item. Another
+    replica deletes an item the first has just added: the delete's own existence check stays Strong,
+    so it is a 204, not a 404."""
+    url = milvus.url(collection())
+    session = ("--milvus-consistency", "session", "--log-format", "json")
+    with swav_serve(swav_bin, url, *session) as a, swav_serve(swav_bin, url, *session) as b:
+        assert a.call("GET", "/v1/index")[1]["consistency"] == "session" and effective_level(a) == "session"
+        added = items(IDS)
+        for i in range(6):
+            id = IDS[i]
+            assert a.call("POST", "/v1/items", {"items": [added[i]]})[0] == 200
+            status, item, _ = a.call("GET", f"/v1/items/{quoted(id)}")
+            assert status == 200 and item["metadata"]["n"] == i, (id, status, item)
+            status, body, _ = a.call("POST", "/v1/search?k=1", {"images": [b64(png(i))]})
+            assert status == 200 and [h["id"] for h in body["results"][0]] == [id], (id, body)
+            assert a.call("POST", "/v1/items", {"items": [{**added[i], "metadata": {"n": -i}}]})[0] == 200
+            assert a.call("GET", f"/v1/items/{quoted(id)}")[1]["metadata"] == {"n": -i}, id
+            assert a.call("DELETE", f"/v1/items/{quoted(id)}")[0] == 204
+            assert a.call("GET", f"/v1/items/{quoted(id)}")[0] == 404, id
+            status, body, _ = a.call("POST", "/v1/search?k=20", {"images": [b64(png(i))]})
+            assert status == 200 and id not in [h["id"] for h in body["results"][0]], (id, body)
+        for i in range(6, 9):
+            assert a.call("POST", "/v1/items", {"items": [added[i]]})[0] == 200
+            assert b.call("DELETE", f"/v1/items/{quoted(IDS[i])}")[0] == 204, IDS[i]
+            assert b.call("GET", f"/v1/items/{quoted(IDS[i])}")[0] == 404, IDS[i]
+
+
+def test_bounded_and_eventually_are_accepted_reported_and_answer(swav_bin, milvus):
+    """Both weaker levels start, say so in /v1/index and in the logged configuration, and answer
+    searches. A Strong read after the writes made the (single) query node consume them, so reads at
+    any level after it see them too."""
+    url = milvus.url(collection())
+    with swav_serve(swav_bin, url) as strong:
+        assert strong.call("POST", "/v1/items", {"items": items(IDS)})[0] == 200
+        stats = strong.call("GET", "/v1/index")[1]
+        assert (stats["consistency"], stats["items"]) == ("strong", len(IDS)), stats
+    for level in ("bounded", "eventually"):
+        with swav_serve(swav_bin, url, "--milvus-consistency", level, "--log-format", "json") as srv:
+            status, stats, _ = srv.call("GET", "/v1/index")
+            assert status == 200 and stats["consistency"] == level and stats["items"] == len(IDS), stats
+            assert effective_level(srv) == level
+            status, body, _ = srv.call("POST", "/v1/search?k=3", {"images": [b64(png(7))]})
+            assert status == 200 and body["results"][0][0]["id"] == IDS[7], (level, body)
+            status, body, _ = srv.call("POST", "/v1/search?k=3", {"id": IDS[7]})
+            assert status == 200 and len(body["results"][0]) == 3, (level, body)
+            assert srv.call("GET", f"/v1/items/{quoted(IDS[4])}")[1]["metadata"]["n"] == 4
+            assert sum(c["size"] for c in srv.call("GET", "/v1/clusters")[1]["clusters"]) == len(IDS)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_unknown_consistency_level_is_refused(swav_bin, how):
+    """By the command line, before anything connects (nothing listens at this address)."""
+    url = "milvus://127.0.0.1:1/" + collection()
+    for command in (["index", "stats", url], ["serve", "--model", str(fixture_bundle("tiny-gray")), "--index", url]):
+        args, env = ([*command, "--milvus-consistency", "weak"], None) if how == "flag" else \
+            (command, {**os.environ, "SWAV_MILVUS_CONSISTENCY": "weak"})
+        out = subprocess.run([str(swav_bin), *args], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        assert "invalid value 'weak'" in out.stderr and "[possible values: strong, session, bounded, eventually]" in out.stderr, out.stderr
 
 
 def fashion_mnist_test_images(swav_bin: Path, out: Path) -> list[Path]:

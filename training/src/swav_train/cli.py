@@ -114,10 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the old checkpoint is overwritten after the first epoch)")
     add_config_flags(t)
 
-    e = sub.add_parser("export", help="write a bundle from a training checkpoint",
+    e = sub.add_parser("export", help="write a bundle from a training checkpoint or from one of this trainer's bundles",
                        description="Export CHECKPOINT to BUNDLE_DIR/{model.onnx, manifest.json}; checks "
-                                   "onnxruntime against PyTorch (max abs diff <= 1e-4).")
-    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt written by train")
+                                   "onnxruntime against PyTorch (max abs diff <= 1e-4). The source may also be "
+                                   "a bundle this trainer wrote: its weights are read back from model.onnx "
+                                   "(checked against it) and exported again, for example at another input "
+                                   "size with --image-size.",
+                       epilog="example: python -m swav_train export models/fashion-mnist --image-size 32 "
+                              "--out runs/fm32 --evaluate")
+    e.add_argument("checkpoint", metavar="CHECKPOINT_OR_BUNDLE",
+                   help="a checkpoint.pt written by train, or a bundle directory written by train or export")
+    e.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="the model's input height and width in the new bundle (default: the source's). A "
+                        "model trained on random-resized crops is often better served a little larger "
+                        "than its training crops (Touvron et al. 2019, FixRes); --evaluate measures it")
+    e.add_argument("--resize-size", type=int, default=None, metavar="N",
+                   help="shorter side before the centre crop (default: --image-size when that is given, "
+                        "else the source's)")
     e.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     e.add_argument("--golden", nargs="+", metavar="IMAGE", default=None,
                    help="image files to copy into BUNDLE_DIR/golden with their expected tensors and outputs")
@@ -182,9 +195,25 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from swav_train import checkpoint, evaluate, export
 
-    model, cfg, _ = checkpoint.model_from_checkpoint(args.checkpoint)
+    source = Path(args.checkpoint)
+    if source.is_dir():
+        from swav_train.bundle_model import model_from_bundle
+
+        model, cfg, manifest = model_from_bundle(source)
+        dataset = manifest.get("dataset") if isinstance(manifest.get("dataset"), dict) else None
+    else:
+        model, cfg, _ = checkpoint.model_from_checkpoint(source)
+        dataset = None
     if args.name:
         cfg = cfg.replace(name=args.name)
+    if args.image_size is not None or args.resize_size is not None:
+        size = args.image_size if args.image_size is not None else cfg.image_size
+        resize = args.resize_size if args.resize_size is not None else (
+            size if args.image_size is not None else cfg.resize_size)
+        # 'auto' resolves the stem from image_size: pin the model's actual stem first, so that the
+        # recorded config still builds this model.
+        stem = ("small" if cfg.small_stem else "imagenet") if cfg.stem == "auto" else cfg.stem
+        cfg = cfg.replace(image_size=size, resize_size=resize, stem=stem)
     evaluation = None
     if args.evaluate:
         eval_set = eval_set_from_args(evaluate.EvalSet.of(cfg.to_dict()), args)
@@ -193,7 +222,7 @@ def cmd_export(args) -> int:
     for g in golden or []:
         if not g.is_file():
             raise FileNotFoundError(f"golden image {g} does not exist")
-    out = export.export_bundle(model, cfg, args.out, evaluation=evaluation, golden_files=golden)
+    out = export.export_bundle(model, cfg, args.out, dataset=dataset, evaluation=evaluation, golden_files=golden)
     print(f"bundle written to {out}")
     return 0
 
