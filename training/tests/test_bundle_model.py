@@ -120,3 +120,13 @@ def test_a_bundle_with_a_broken_graph_is_refused(bundle, tmp_path, capsys):
     (path / "model.onnx").write_bytes(b"not a protobuf at all")
     assert main(["export", str(path), "--out", str(tmp_path / "h")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [{"height": "16"}, {"width": -1}, {"channels": None}, {"height": 10**9}])
+def test_a_bundle_with_a_bad_input_size_is_refused(bundle, tmp_path, capsys, bad):
+    path, _, _ = bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["input"].update(bad)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(path), "--out", str(tmp_path / "i")]) == 2
+    assert "`input` needs channels, height and width" in capsys.readouterr().err

@@ -104,11 +104,12 @@ def model_from_bundle(bundle_dir: str | Path) -> tuple[SwAVModel, TrainConfig, d
         if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
             if field == "num_batches_tracked":
                 continue
-            folded_into = (f"{_conv_of(owner)}{_FOLDED_BIAS}" if isinstance(module, nn.BatchNorm2d) else None)
-            state[key] = {"weight": torch.ones_like(tensor),
-                          "bias": take(folded_into, tensor.shape) if folded_into else torch.zeros_like(tensor),
-                          "running_mean": torch.zeros_like(tensor),
-                          "running_var": torch.full_like(tensor, 1.0 - module.eps)}[field]
+            if field == "bias":
+                folded = isinstance(module, nn.BatchNorm2d)  # BatchNorm1d's bias went into the Linear's
+                state[key] = take(f"{_conv_of(owner)}{_FOLDED_BIAS}", tensor.shape) if folded else torch.zeros_like(tensor)
+            else:
+                state[key] = {"weight": torch.ones_like(tensor), "running_mean": torch.zeros_like(tensor),
+                              "running_var": torch.full_like(tensor, 1.0 - module.eps)}[field]
         else:
             state[key] = take(key, tensor.shape)
     left = sorted(set(weights) - used)
@@ -116,9 +117,12 @@ def model_from_bundle(bundle_dir: str | Path) -> tuple[SwAVModel, TrainConfig, d
         raise ExportError(f"{model_path}: weights {', '.join(left[:5])} have no place in the config's model")
     model.load_state_dict(state)
     wrapper = InferenceModel(model, cfg.mean, cfg.std).eval()
-    inp = manifest.get("input") or {}
-    shape = (4, int(inp.get("channels", cfg.channels)), int(inp.get("height", cfg.image_size)),
-             int(inp.get("width", cfg.image_size)))
+    inp = manifest.get("input")
+    sides = [inp.get(k) if isinstance(inp, dict) else None for k in ("channels", "height", "width")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in sides):
+        raise ExportError(f"{bundle_dir}/manifest.json: `input` needs channels, height and width as positive "
+                          f"integers up to 4096, not {sides}")
+    shape = (4, *(int(v) for v in sides if v is not None))
     batch = np.random.default_rng(0).random(shape, dtype=np.float32)
     parity_check(wrapper, model_path, batch)  # raises above PARITY_TOLERANCE
     return model, cfg, manifest
