@@ -169,7 +169,9 @@ def test_smoke_run_of_the_tensor_path_writes_a_valid_bundle(tmp_path, fashion_mn
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["training"]["stem"] == stem and manifest["training"]["augment"] == "auto"
     session = ort.InferenceSession(str(run / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
-    emb, proj, scores = session.run(None, {"images": np.random.default_rng(0).random((3, 1, 28, 28), np.float32)})
+    side = manifest["input"]["height"]
+    assert side == manifest["input"]["width"] == cfg.image_size  # the preset serves 28 px images at 32 px
+    emb, proj, scores = session.run(None, {"images": np.random.default_rng(0).random((3, 1, side, side), np.float32)})
     assert emb.shape == (3, 32) and proj.shape == (3, 16) and scores.shape == (3, 20)
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert 0.1 <= manifest["evaluation"]["knn_top1"] <= 1.0
