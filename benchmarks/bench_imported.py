@@ -113,7 +113,7 @@ def main() -> None:
         bundle = args.bundle or import_rn50(tmp, args.binary)
         manifest = json.loads((bundle / "manifest.json").read_text())
         inp = manifest["input"]
-        spec = preprocess.InputSpec(inp["channels"], inp["resize"]["size"], inp["height"], inp["width"])
+        spec = preprocess.InputSpec.from_manifest(inp)
         tensors = np.stack([preprocess.load_array(f, spec) for f in listing.read_text().split()])
         print(f"model: {manifest['name']} ({manifest['backbone']}, {inp['channels']}x{inp['height']}x{inp['width']}, "
               f"resize {inp['resize']['size']}); {args.photos} photos of 500x375 as JPEG")

@@ -114,8 +114,7 @@ def ort_alone(model: pathlib.Path, listing: pathlib.Path, threads: int, seconds:
     sys.path.append(str(ROOT / "training" / "src"))
     from swav_train.preprocess import InputSpec, to_array
 
-    inp = manifest["input"]
-    spec = InputSpec(inp["channels"], inp["resize"]["size"], inp["height"], inp["width"])
+    spec = InputSpec.from_manifest(manifest["input"])
     tensors = np.stack([to_array(Image.open(f), spec) for f in files])
     best = {}
     for bs in (1, 8, 16, 32, 64, 128):

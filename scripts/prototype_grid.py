@@ -86,10 +86,10 @@ def load_manifest(bundle: Path) -> dict:
 
 
 def input_spec(manifest: dict) -> InputSpec:
-    spec = manifest["input"]
-    if spec.get("resize", {}).get("method") != "shorter_side" or spec.get("crop", {}).get("method") != "center":
-        raise SystemExit(f"error: unknown resize or crop rule in the manifest: {spec}")
-    return InputSpec(spec["channels"], spec["resize"]["size"], spec["height"], spec["width"])
+    try:
+        return InputSpec.from_manifest(manifest.get("input"))
+    except ValueError as e:
+        raise SystemExit(f"error: the manifest's input rule: {e}") from None
 
 
 def prototype_scores(bundle: Path, manifest: dict, images: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -41,6 +41,21 @@ def test_resume_refuses_a_different_config(tmp_path, image_folder):
         train(cfg.replace(nmb_prototypes=7), tmp_path / "run", finish=False)
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes(tmp_path, image_folder):
+    # init_from came after runs that are still on disk: a config without it means its default.
+    cfg = tiny_config(data_dir=str(image_folder), epochs=2)
+    train(cfg, tmp_path / "run", finish=False, stop_after_epoch=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["config"]["init_from"]
+    checkpoint.atomic_save(state, path)
+    assert train(cfg, tmp_path / "run", finish=False).epochs_done == 2
+    # ... but not when the run sets the field now
+    train(cfg, tmp_path / "again", finish=False, stop_after_epoch=1)
+    with pytest.raises(ConfigError, match="init_from"):
+        train(cfg.replace(init_from=str(path)), tmp_path / "again", finish=False)
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     target = tmp_path / "c.pt"
     checkpoint.atomic_save({"a": 1}, target)

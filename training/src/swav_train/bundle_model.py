@@ -1,5 +1,5 @@
 """A bundle written by this trainer, loaded back into a SwAVModel: for exporting it again when its
-checkpoint is gone, for example at another input size.
+checkpoint is gone, for example at another input size, and for starting a run from it (`--init-from`).
 
 The exporter folds every BatchNorm into the layer before it: a convolution keeps its folded weight
 under `<conv>.weight` and gains a bias `<conv>.weight_bias`, and the projection head's first Linear
@@ -12,6 +12,7 @@ parameter and every parameter its weight, and the rebuilt model must reproduce t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import nn
 from swav_train.config import ConfigError, TrainConfig, from_dict
 from swav_train.export import ExportError, parity_check
 from swav_train.model import InferenceModel, SwAVModel
+from swav_train.preprocess import InputSpec
 
 _PREFIX = "model."  # InferenceModel holds the SwAVModel as `model`
 _FOLDED_BIAS = ".weight_bias"
@@ -117,12 +119,94 @@ def model_from_bundle(bundle_dir: str | Path) -> tuple[SwAVModel, TrainConfig, d
         raise ExportError(f"{model_path}: weights {', '.join(left[:5])} have no place in the config's model")
     model.load_state_dict(state)
     wrapper = InferenceModel(model, cfg.mean, cfg.std).eval()
-    inp = manifest.get("input")
-    sides = [inp.get(k) if isinstance(inp, dict) else None for k in ("channels", "height", "width")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in sides):
-        raise ExportError(f"{bundle_dir}/manifest.json: `input` needs channels, height and width as positive "
-                          f"integers up to 4096, not {sides}")
-    shape = (4, *(int(v) for v in sides if v is not None))
+    try:
+        spec = InputSpec.from_manifest(manifest.get("input"))
+    except ValueError as e:
+        raise ExportError(f"{bundle_dir}/manifest.json: {e}") from None
+    shape = (4, spec.channels, spec.height, spec.width)
     batch = np.random.default_rng(0).random(shape, dtype=np.float32)
     parity_check(wrapper, model_path, batch)  # raises above PARITY_TOLERANCE
     return model, cfg, manifest
+
+
+# What fixes a model's layers and how its input reaches them: a start must agree on all of these.
+_ARCHITECTURE = ("arch", "width", "channels", "small_stem", "stem_stride", "hidden_mlp", "feat_dim", "nmb_prototypes")
+
+
+def check_same_architecture(source_cfg: TrainConfig, cfg: TrainConfig, source: Path) -> None:
+    diffs = [f"{k} {getattr(source_cfg, k)} (here {getattr(cfg, k)})" for k in _ARCHITECTURE
+             if getattr(source_cfg, k) != getattr(cfg, k)]
+    if diffs:
+        raise ConfigError(f"--init-from {source}: its model differs from this config's in {', '.join(diffs)}")
+
+
+@torch.no_grad()
+def recalibrate_batchnorms(model: nn.Module, batches: Iterable[list[torch.Tensor]]) -> int:
+    """Give every BatchNorm the statistics of its input over `batches` (lists of crops, as training
+    feeds them), changing its weight and bias so that eval mode computes exactly what it did.
+
+    A model rebuilt from a bundle has identity BatchNorms in front of folded weights: right in eval
+    mode, but in training mode each would normalise its input to unit variance, a different network.
+    With the input's own mean m and variance v as running statistics, weight w*sqrt(v+eps)/sqrt(rv+eps)
+    and bias b + w*(m-rm)/sqrt(rv+eps), eval mode is unchanged and training mode, normalising by
+    batch statistics near (m, v), starts out computing the same. Returns the number of batches seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    sums: dict[int, list[torch.Tensor | float]] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = sums.setdefault(id(module), [0.0, 0.0, 0.0])
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] = float(acc[2]) + x.numel() / x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for crops in batches:
+            model(crops)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorms needs at least one batch")
+    for m in norms:
+        running_mean, running_var = m.running_mean, m.running_var
+        if running_mean is None or running_var is None or id(m) not in sums:
+            continue  # no statistics to restore, or a layer the forward pass never reached
+        total, total_sq, count = sums[id(m)]
+        mean = torch.as_tensor(total) / count
+        var = (torch.as_tensor(total_sq) / count - mean * mean).clamp_min(0.0)
+        old_scale = m.weight / torch.sqrt(running_var + m.eps)
+        m.bias.add_(old_scale * (mean - running_mean))
+        m.weight.copy_(old_scale * torch.sqrt(var + m.eps))
+        running_mean.copy_(mean)
+        running_var.copy_(var)
+    return seen
+
+
+def initial_weights(source: str | Path, cfg: TrainConfig,
+                    calibration: Callable[[], Iterable[list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The state dict a fine-tuning run starts from: a checkpoint.pt's model, or a bundle's weights
+    with their BatchNorms recalibrated on `calibration()`'s crops. The source's model config must
+    match `cfg`'s (ConfigError naming the fields that differ)."""
+    from swav_train import checkpoint
+
+    source = Path(source)
+    if source.is_dir():
+        model, source_cfg, _ = model_from_bundle(source)
+        check_same_architecture(source_cfg, cfg, source)
+        recalibrate_batchnorms(model, calibration())
+        return model.state_dict()
+    state = checkpoint.load(source, required=("model", "config"))
+    try:
+        source_cfg = from_dict(state["config"])
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"--init-from {source}: its config is not valid here: {e}") from None
+    check_same_architecture(source_cfg, cfg, source)
+    return state["model"]

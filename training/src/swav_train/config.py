@@ -89,6 +89,7 @@ class TrainConfig:
     weight_decay: float = _f(1e-6, "weight decay")
     trust_coefficient: float = _f(0.001, "LARS/LARC trust coefficient")
     # ---- run -------------------------------------------------------------
+    init_from: str = _f("", "start the weights from this bundle directory (written by this trainer) or checkpoint.pt instead of a random init, to fine-tune: the model config must match it, and the optimiser, learning-rate schedule and step count start afresh; a bundle's folded BatchNorms get their statistics back from the first training crops")
     seed: int = _f(31, "random seed (model init, augmentation, data order)")
     device: str = _f("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
     precision: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'fp32', 'bf16' (autocast; on the CPU only where it has native bf16, AVX512-BF16 or AMX) or 'fp16' (CUDA, with GradScaler)")

@@ -303,8 +303,10 @@ def evaluate_bundle(bundle_dir: str | Path, eval_set: EvalSet | None = None, tra
     """Evaluate a bundle through onnxruntime on `eval_set`, by default the one of its training config."""
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    inp = manifest["input"]
-    spec = InputSpec(inp["channels"], inp["resize"]["size"], inp["height"], inp["width"])
+    try:
+        spec = InputSpec.from_manifest(manifest.get("input"))
+    except ValueError as e:
+        raise ConfigError(f"{bundle_dir}/manifest.json: {e}") from None
     eval_set = eval_set or EvalSet.of(manifest.get("training") or {})
     return evaluate_encoder(onnx_encoder(bundle_dir / manifest["model_file"]), spec, eval_set, train_size, test_size)
 

@@ -79,6 +79,31 @@ class InputSpec:
     height: int
     width: int
 
+    @classmethod
+    def from_manifest(cls, inp: object) -> InputSpec:
+        """The rule of a manifest's `input` object; ValueError saying what is wrong when it is not one
+        this code knows (docs/bundle.md: shorter-side resize, centre crop, sides up to 4096)."""
+        if not isinstance(inp, dict):
+            raise ValueError(f"`input` must be an object, not {type(inp).__name__}")
+        resize, crop = inp.get("resize"), inp.get("crop")
+        if not isinstance(resize, dict) or resize.get("method") != "shorter_side":
+            raise ValueError(f"`input.resize` must be {{\"method\": \"shorter_side\", ...}}, not {resize!r}")
+        if not isinstance(crop, dict) or crop.get("method") != "center":
+            raise ValueError(f"`input.crop` must be {{\"method\": \"center\", ...}}, not {crop!r}")
+        values = {"input.channels": inp.get("channels"), "input.resize.size": resize.get("size"),
+                  "input.height": inp.get("height"), "input.width": inp.get("width")}
+        sides: list[int] = []
+        for name, v in values.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 4096:
+                raise ValueError(f"`{name}` must be an integer in 1..4096, not {v!r}")
+            sides.append(v)
+        channels, size, height, width = sides
+        if channels not in (1, 3):
+            raise ValueError(f"`input.channels` must be 1 or 3, not {channels}")
+        if size < min(height, width):
+            raise ValueError(f"`input.resize.size` {size} is smaller than the {width}x{height} crop")
+        return cls(channels, size, height, width)
+
     def manifest(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
         return {
             "name": "images", "layout": "NCHW", "dtype": "float32", "value_range": [0.0, 1.0],

@@ -4,6 +4,7 @@ checkpoints and resume, progress and metrics."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from swav_train import checkpoint, distributed, guard
 from swav_train.augment import MultiCrop
 from swav_train.batch_augment import BatchCropLoader
+from swav_train.bundle_model import initial_weights
 from swav_train.config import ConfigError, TrainConfig
 from swav_train.data import ArrayImageDataset, DataError, ImageFolderDataset, training_dataset
 from swav_train.distributed import DistContext
@@ -35,6 +37,8 @@ from swav_train.queue import EmbeddingQueue
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+# Batches of crops a bundle's BatchNorm statistics are measured on when a run starts from it.
+_CALIBRATION_BATCHES = 8
 # Fields that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "crash_guard", "evaluate", "eval_train_size",
                      "eval_test_size", "eval_train_dir", "eval_test_dir", "name", "description", "fashion_mnist_dir",
@@ -258,7 +262,9 @@ def _collate_crops(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    diffs = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    # A field added since the checkpoint was written counts as its default.
+    defaults = TrainConfig().to_dict()
+    diffs = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
     if diffs:
         raise ConfigError(
             f"cannot resume from {path}: the run was started with a different config "
@@ -352,6 +358,15 @@ def _train(cfg: TrainConfig, run_dir: Path, ctx: DistContext, resume, stop_after
         cfg = guarded
         if ctx.is_main:
             cfg.save(run_dir / "config.json")
+    if cfg.init_from and state is None:
+        # A bundle's BatchNorms are recalibrated on the first crops of epoch 0; under DDP each rank's
+        # differ, and DistributedDataParallel starts every rank from rank 0's.
+        def calibration():
+            return itertools.islice(iter(_loader(cfg, dataset, ctx, 0, iters_per_epoch)), _CALIBRATION_BATCHES)
+
+        model.load_state_dict(initial_weights(cfg.init_from, cfg, calibration))
+        if ctx.is_main:
+            print(f"weights from {cfg.init_from}", flush=True)
     if ctx.distributed and cfg.sync_bn and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
