@@ -151,11 +151,12 @@ def test_tensor_path_needs_in_memory_data():
     assert not preset("fashion-mnist").replace(augment="pil").tensor_augment
 
 
-@pytest.mark.parametrize("stem", ["small", "small-stride2"])
-def test_smoke_run_of_the_tensor_path_writes_a_valid_bundle(tmp_path, fashion_mnist_dir, stem):
+@pytest.mark.parametrize("stem,embedding_layer", [("small", 4), ("small-stride2", 3)])
+def test_smoke_run_of_the_tensor_path_writes_a_valid_bundle(tmp_path, fashion_mnist_dir, stem, embedding_layer):
     run = tmp_path / "run"
     cfg = preset("fashion-mnist").replace(
         max_images=512, batch_size=64, epochs=2, warmup_epochs=1, width=4, stem=stem, hidden_mlp=32, feat_dim=16,
+        embedding_layer=embedding_layer,
         nmb_prototypes=20, queue_length=0, freeze_prototypes_niters=2, threads=1, progress=False,
         crash_guard=False, fashion_mnist_dir=str(fashion_mnist_dir))
     assert cfg.tensor_augment
@@ -172,6 +173,10 @@ def test_smoke_run_of_the_tensor_path_writes_a_valid_bundle(tmp_path, fashion_mn
     side = manifest["input"]["height"]
     assert side == manifest["input"]["width"] == cfg.image_size  # the preset serves 28 px images at 32 px
     emb, proj, scores = session.run(None, {"images": np.random.default_rng(0).random((3, 1, side, side), np.float32)})
-    assert emb.shape == (3, 32) and proj.shape == (3, 16) and scores.shape == (3, 20)
+    # width 4: stage 3 has 16 channels, stage 4 has 32
+    emb_dim = {3: 16, 4: 32}[embedding_layer]
+    assert emb.shape == (3, emb_dim) and proj.shape == (3, 16) and scores.shape == (3, 20)
+    assert manifest["outputs"]["embedding"]["dim"] == emb_dim
+    assert manifest["training"]["embedding_layer"] == embedding_layer
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert 0.1 <= manifest["evaluation"]["knn_top1"] <= 1.0

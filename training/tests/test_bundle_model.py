@@ -88,6 +88,41 @@ def test_export_from_a_bundle_at_another_size(bundle, tmp_path):
     model_from_bundle(tmp_path / "c")  # and the new bundle reads back in turn
 
 
+def test_export_from_a_bundle_with_the_embedding_from_another_stage(bundle, tmp_path):
+    path, original, cfg = bundle
+    assert main(["export", str(path), "--embedding-layer", "3", "--out", str(tmp_path / "s3")]) == 0
+    manifest = json.loads((tmp_path / "s3" / "manifest.json").read_text())
+    assert manifest["outputs"]["embedding"]["dim"] == 4 * cfg.width
+    assert manifest["training"]["embedding_layer"] == 3
+    assert manifest["parity"]["max_abs_diff"] <= export.PARITY_TOLERANCE
+    batch = np.random.default_rng(4).random((3, 3, 16, 16), dtype=np.float32)
+    got, before = _run(tmp_path / "s3", batch), _run(path, batch)
+    want = copy.deepcopy(original)
+    want.embedding_layer = 3
+    with torch.no_grad():
+        emb = InferenceModel(want, cfg.mean, cfg.std).eval()(torch.from_numpy(batch))[0].numpy()
+    assert got[0].shape == (3, 4 * cfg.width) and before[0].shape == (3, 8 * cfg.width)
+    np.testing.assert_allclose(got[0], emb, atol=1e-5)
+    for g, b in zip(got[1:], before[1:]):  # projection and prototype scores are unchanged
+        np.testing.assert_allclose(g, b, atol=1e-5)
+    rebuilt, rebuilt_cfg, _ = model_from_bundle(tmp_path / "s3")  # reads back, parity checked
+    assert rebuilt_cfg.embedding_layer == 3 and rebuilt.embedding_layer == 3
+    # and back to stage 4: the original bundle's outputs again
+    assert main(["export", str(tmp_path / "s3"), "--embedding-layer", "4", "--out", str(tmp_path / "s4")]) == 0
+    for g, b in zip(_run(tmp_path / "s4", batch), before):
+        np.testing.assert_allclose(g, b, atol=1e-5)
+
+
+def test_a_bundle_from_before_the_embedding_layer_reads_back_at_stage_4(bundle, tmp_path):
+    path, original, cfg = bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["training"]["embedding_layer"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt, rebuilt_cfg, _ = model_from_bundle(path)
+    assert rebuilt_cfg.embedding_layer == 4
+    assert_same_outputs(rebuilt, original, cfg, seed=5)
+
+
 def test_resize_size_alone_keeps_the_input_size(bundle, tmp_path):
     path, _, _ = bundle
     assert main(["export", str(path), "--resize-size", "20", "--out", str(tmp_path / "d")]) == 0

@@ -19,12 +19,14 @@ def test_fashion_mnist_preset():
     c = config.preset("fashion-mnist")
     assert c.channels == 1 and c.nmb_crops == (2, 4) and c.size_crops == (28, 16) and c.small_stem
     assert c.stem_stride == 2 and c.width == 32 and c.tensor_augment and c.base_lr == 2.4
+    assert c.embedding_layer == 3 and config.preset("imagenet").embedding_layer == 4
 
 
 @pytest.mark.parametrize("change,field", [({"channels": 2}, "channels"), ({"nmb_crops": (2,)}, "size_crops"),
                                           ({"epsilon": 0}, "epsilon"), ({"crops_for_assign": (0, 9)}, "crops_for_assign"),
                                           ({"mean": (0.5,)}, "mean"), ({"precision": "fp8"}, "precision"),
-                                          ({"resize_size": 100}, "resize_size")])
+                                          ({"resize_size": 100}, "resize_size"),
+                                          ({"embedding_layer": 2}, "embedding_layer")])
 def test_validation_names_the_field(change, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**change)

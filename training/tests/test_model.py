@@ -126,3 +126,25 @@ def test_inference_model_outputs_are_normalised_cosines():
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(proj.norm(dim=1), torch.ones(3))
     assert float(scores.abs().max()) <= 1 + 1e-5
+
+
+def test_the_embedding_is_the_pooled_output_of_the_chosen_stage():
+    cfg = tiny_config()
+    stage4, _, _ = _setup(cfg)
+    stage3 = SwAVModel.from_config(cfg.replace(embedding_layer=3))
+    stage3.load_state_dict(stage4.state_dict())  # the same weights: the choice adds none
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        emb4, proj4, scores4 = InferenceModel(stage4.eval(), cfg.mean, cfg.std)(x)
+        emb3, proj3, scores3 = InferenceModel(stage3.eval(), cfg.mean, cfg.std)(x)
+        # by hand, stage by stage
+        bb = stage4.backbone
+        h = bb.relu(bb.bn1(bb.conv1((x - torch.tensor(cfg.mean).view(1, -1, 1, 1)) / torch.tensor(cfg.std).view(1, -1, 1, 1))))
+        h3 = bb.layer3(bb.layer2(bb.layer1(h)))
+        h4 = bb.layer4(h3)
+    assert stage3.embedding_dim == 4 * cfg.width == emb3.shape[1] and stage4.embedding_dim == 8 * cfg.width
+    torch.testing.assert_close(emb3, torch.nn.functional.normalize(h3.mean((2, 3)), dim=1))
+    torch.testing.assert_close(emb4, torch.nn.functional.normalize(h4.mean((2, 3)), dim=1))
+    # projection and prototypes always take stage 4
+    torch.testing.assert_close(proj3, proj4)
+    torch.testing.assert_close(scores3, scores4)

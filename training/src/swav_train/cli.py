@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resize-size", type=int, default=None, metavar="N",
                    help="shorter side before the centre crop (default: --image-size when that is given, "
                         "else the source's)")
+    e.add_argument("--embedding-layer", type=int, choices=(3, 4), default=None, metavar="{3,4}",
+                   help="the ResNet stage whose pooled output becomes the bundle's `embedding` (default: the "
+                        "source's); the weights are unchanged, so a trained model can be exported either way")
     e.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     e.add_argument("--golden", nargs="+", metavar="IMAGE", default=None,
                    help="image files to copy into BUNDLE_DIR/golden with their expected tensors and outputs")
@@ -214,6 +217,9 @@ def cmd_export(args) -> int:
         # recorded config still builds this model.
         stem = ("small" if cfg.small_stem else "imagenet") if cfg.stem == "auto" else cfg.stem
         cfg = cfg.replace(image_size=size, resize_size=resize, stem=stem)
+    if args.embedding_layer is not None:
+        cfg = cfg.replace(embedding_layer=args.embedding_layer)
+        model.embedding_layer = args.embedding_layer
     evaluation = None
     if args.evaluate:
         eval_set = eval_set_from_args(evaluate.EvalSet.of(cfg.to_dict()), args)

@@ -68,6 +68,7 @@ class TrainConfig:
     hidden_mlp: int = _f(2048, "hidden units of the projection MLP")
     feat_dim: int = _f(128, "projection (embedding) dimension d")
     nmb_prototypes: int = _f(3000, "number of prototypes K")
+    embedding_layer: int = _f(4, "which ResNet stage's average-pooled output the bundle's `embedding` output is, the vector that search, kNN, the linear probe and k-means use: 4 (the last, as in the paper) or 3 (half as many dimensions; on small images its coarser neighbour can serve kNN better, see training/BENCHMARKS.md). The projection head and prototypes always take stage 4, so this changes no training, only the export (`export --embedding-layer` changes it for an existing model)")
     # ---- SwAV ------------------------------------------------------------
     crops_for_assign: tuple[int, ...] = _f((0, 1), "crop ids whose codes are predicted by the other crops")
     temperature: float = _f(0.1, "softmax temperature of the swapped prediction")
@@ -225,6 +226,9 @@ def _fashion_mnist() -> TrainConfig:
         # them gives uniform codes and predictions, a fixed point SwAV falls into (measured: K=30
         # and K=100 at d=128 sit at loss ln K; K=300 learns).
         nmb_prototypes=300,
+        # At 32 px stage 4 is a 2x2 map; stage 3's 4x4 one, pooled, served kNN, search and k-means
+        # better and halves the embedding (chosen on a split of the training set, training/BENCHMARKS.md).
+        embedding_layer=3,
         freeze_prototypes_niters=313,
         queue_length=0,
         epochs=14,
@@ -304,6 +308,7 @@ def _validate(c: TrainConfig) -> None:
     need(c.stem in STEMS, "stem", f"must be one of {STEMS}")
     for name in ("hidden_mlp", "feat_dim", "nmb_prototypes"):
         need(getattr(c, name) > 0, name, "must be positive")
+    need(c.embedding_layer in (3, 4), "embedding_layer", "must be 3 or 4 (the ResNet stage the embedding is pooled from)")
     need(c.total_crops >= 2, "nmb_crops", "SwAV needs at least 2 crops in total")
     need(len(c.crops_for_assign) > 0 and all(0 <= i < c.total_crops for i in c.crops_for_assign),
          "crops_for_assign", f"crop ids must lie in [0, {c.total_crops})")

@@ -194,7 +194,7 @@ def export_bundle(model: SwAVModel, cfg: TrainConfig, out_dir: str | Path, *, da
     if golden_files:
         write_golden(wrapper, spec, [Path(f) for f in golden_files], out_dir / "golden")
         golden = "golden/golden.json"
-    emb_dim = model.backbone.out_dim
+    emb_dim = model.embedding_dim
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.bundle_name,

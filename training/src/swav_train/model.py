@@ -65,10 +65,22 @@ class ResNetTrunk(nn.Module):
         layers += [block(self.inplanes, planes, **kw) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_dim(self, stage: int) -> int:
+        """Channels of stage `stage` (1-4): each stage doubles its predecessor's."""
+        return self.out_dim >> (4 - stage)
+
+    def pooled(self, x: torch.Tensor, stages: tuple[int, ...] = (4,)) -> list[torch.Tensor]:
+        """The globally average-pooled outputs of `stages`, in that order."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        out = {}
+        for stage, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
+            x = layer(x)
+            if stage in stages:
+                out[stage] = torch.flatten(self.avgpool(x), 1)
+        return [out[s] for s in stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pooled(x)[0]
 
 
 # oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution in channels_last
@@ -120,9 +132,12 @@ class SwAVModel(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet50", width: int = 64, in_channels: int = 3, small_stem: bool = False,
-                 hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 3000, stem_stride: int = 1):
+                 hidden_mlp: int = 2048, feat_dim: int = 128, nmb_prototypes: int = 3000, stem_stride: int = 1,
+                 embedding_layer: int = 4):
         super().__init__()
         self.backbone = ResNetTrunk(arch, width, in_channels, small_stem, stem_stride=stem_stride)
+        # Which stage's pooled output the bundle's `embedding` is; training never reads it.
+        self.embedding_layer = embedding_layer
         e = self.backbone.out_dim
         self.projection_head = nn.Sequential(
             nn.Linear(e, hidden_mlp), nn.BatchNorm1d(hidden_mlp), nn.ReLU(inplace=True), nn.Linear(hidden_mlp, feat_dim))
@@ -131,7 +146,11 @@ class SwAVModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> SwAVModel:
         return cls(cfg.arch, cfg.width, cfg.channels, cfg.small_stem, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes,
-                   stem_stride=cfg.stem_stride)
+                   stem_stride=cfg.stem_stride, embedding_layer=cfg.embedding_layer)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.stage_dim(self.embedding_layer)
 
     def project(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = F.normalize(self.projection_head(features), dim=1, p=2)
@@ -170,8 +189,9 @@ class InferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (images - self.mean) / self.std
-        feats = self.model.backbone(x)
-        embedding = F.normalize(feats, dim=1, p=2)
+        # At embedding_layer 4 both are the same pooled tensor.
+        emb, feats = self.model.backbone.pooled(x, (self.model.embedding_layer, 4))
+        embedding = F.normalize(emb, dim=1, p=2)
         projection = F.normalize(self.model.projection_head(feats), dim=1, p=2)
         prototypes = F.normalize(self.model.prototypes.weight, dim=1, p=2)
         return embedding, projection, projection @ prototypes.t()
