@@ -68,7 +68,7 @@ class TrainConfig:
     hidden_mlp: int = _f(2048, "hidden units of the projection MLP")
     feat_dim: int = _f(128, "projection (embedding) dimension d")
     nmb_prototypes: int = _f(3000, "number of prototypes K")
-    embedding_layer: int = _f(4, "which ResNet stage's average-pooled output the bundle's `embedding` output is, the vector that search, kNN, the linear probe and k-means use: 4 (the last, as in the paper) or 3 (half as many dimensions; on small images its coarser neighbour can serve kNN better, see training/BENCHMARKS.md). The projection head and prototypes always take stage 4, so this changes no training, only the export (`export --embedding-layer` changes it for an existing model)")
+    embedding_layer: int = _f(4, "which ResNet stage's average-pooled output the bundle's `embedding` output is, the vector that search, kNN, the linear probe and k-means use: 4 (the last, as in the paper) or 3 (half as many dimensions, from a map of twice the resolution; on small inputs, where the last stage's map is only 2x2, it can serve kNN better, see training/BENCHMARKS.md). The projection head and prototypes always take stage 4, so this changes no training, only the export (`export --embedding-layer` changes it for an existing model)")
     # ---- SwAV ------------------------------------------------------------
     crops_for_assign: tuple[int, ...] = _f((0, 1), "crop ids whose codes are predicted by the other crops")
     temperature: float = _f(0.1, "softmax temperature of the swapped prediction")
