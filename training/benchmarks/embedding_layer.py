@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from swav_train.bundle_model import model_from_bundle
 from swav_train.config import FASHION_MNIST_DIR
 from swav_train.data import load_fashion_mnist
-from swav_train.evaluate import _from_uint8, clustering_scores, knn_accuracy, linear_probe_accuracy
-from swav_train.preprocess import InputSpec
+from swav_train.evaluate import clustering_scores, knn_accuracy, linear_probe_accuracy
+from swav_train.preprocess import InputSpec, to_array
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -84,7 +85,7 @@ def main() -> None:
         out: dict[str, list[np.ndarray]] = {}
         with torch.no_grad():
             for start in range(0, len(images), 500):
-                batch = np.stack([_from_uint8(im, spec) for im in images[start:start + 500]])
+                batch = np.stack([to_array(Image.fromarray(im), spec) for im in images[start:start + 500]])
                 l3, l4 = stage_maps(model, (torch.from_numpy(batch) - mean) / std)
                 for name, f in candidates(l3, l4).items():
                     out.setdefault(name, []).append(f.numpy())

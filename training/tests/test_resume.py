@@ -56,6 +56,20 @@ def test_a_checkpoint_from_before_a_config_field_existed_resumes(tmp_path, image
         train(cfg.replace(init_from=str(path)), tmp_path / "again", finish=False)
 
 
+def test_a_run_resumes_with_another_embedding_layer_and_exports_it(tmp_path, image_folder):
+    # A run started before the preset chose stage 3 (its checkpoint says 4, or nothing) must resume under it.
+    cfg = tiny_config(data_dir=str(image_folder), epochs=2)
+    train(cfg, tmp_path / "run", finish=False, stop_after_epoch=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["config"]["embedding_layer"]
+    checkpoint.atomic_save(state, path)
+    assert train(cfg.replace(embedding_layer=3), tmp_path / "run").epochs_done == 2
+    manifest = json.loads((tmp_path / "run" / "bundle" / "manifest.json").read_text())
+    assert manifest["training"]["embedding_layer"] == 3
+    assert manifest["outputs"]["embedding"]["dim"] == 4 * cfg.width
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     target = tmp_path / "c.pt"
     checkpoint.atomic_save({"a": 1}, target)

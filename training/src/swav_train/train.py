@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Batches of crops a bundle's BatchNorm statistics are measured on when a run starts from it.
 _CALIBRATION_BATCHES = 8
-# Fields that may change between a run and its resumption without changing what is learned.
+# Fields that may change between a run and its resumption without changing what is learned
+# (embedding_layer only picks what the export writes).
 RESUMABLE_CHANGES = {"num_workers", "progress", "log_every", "threads", "channels_last", "crash_guard", "evaluate", "eval_train_size",
                      "eval_test_size", "eval_train_dir", "eval_test_dir", "name", "description", "fashion_mnist_dir",
-                     "data_dir"}
+                     "data_dir", "embedding_layer"}
 
 
 PROBE_STEPS = 20  # steps a --time-budget run times before it fixes its length
